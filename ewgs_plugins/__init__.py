@@ -1,0 +1,56 @@
+"""ewgs-plugins: quantization-aware training where the backward pass through
+rounding is a plugin (STE, EWGS)."""
+
+from .backward import BackwardRule, ElementWiseGradientScaling, StraightThrough
+from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
+from .errors import ConfigError, EwgsError, PluginError, TrainingError
+from .hookspecs import hookimpl
+from .quant import (
+    QuantConv2d,
+    Quantizer,
+    QuantizerMethod,
+    QuantLinear,
+    active_round_sites,
+    deltas,
+    initialize_quantizers,
+    quantize_model,
+    quantized_layers,
+    set_backward,
+    set_deltas,
+)
+from .registry import register_plugin, registry, reset_registry, unregister_plugin
+from .round_site import RoundContext, RoundSite, round_sites
+
+__all__ = [
+    "BackwardRule",
+    "ConfigError",
+    "DeltaEstimator",
+    "ElementWiseGradientScaling",
+    "EwgsError",
+    "FixedDelta",
+    "HessianDelta",
+    "PluginError",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantizer",
+    "QuantizerMethod",
+    "RoundContext",
+    "RoundSite",
+    "StraightThrough",
+    "TrainingError",
+    "active_round_sites",
+    "deltas",
+    "estimate_hessian_deltas",
+    "hookimpl",
+    "initialize_quantizers",
+    "quantize_model",
+    "quantized_layers",
+    "register_plugin",
+    "registry",
+    "reset_registry",
+    "round_sites",
+    "set_backward",
+    "set_deltas",
+    "unregister_plugin",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,11 @@
+"""Placeholder: datasets by name are being written (issue 4)."""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def ewgs_datasets() -> Mapping[str, Callable[..., Any]]:
+    return {}

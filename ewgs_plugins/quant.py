@@ -1,0 +1,316 @@
+"""Quantizer methods, quantizers and quantized layers, and model conversion.
+
+A *method* (a plugin) makes a weight quantizer and an input-activation quantizer
+for each layer; each quantizer owns one round site. ``quantize_model`` replaces the
+``nn.Conv2d`` / ``nn.Linear`` layers of a model by ``QuantConv2d`` / ``QuantLinear``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backward import BackwardRule
+from .round_site import RoundSite, round_sites
+
+FULL_PRECISION = 32
+VALID_BITS = (*range(1, 9), FULL_PRECISION)
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """``bits`` if it is 1..8 or 32 (not quantized); a ``ValueError`` otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+        raise ValueError(f"{what} must be an integer 1..8 or 32 (not quantized), got {bits!r}")
+    return bits
+
+
+class Quantizer(nn.Module):
+    """A weight or activation quantizer of some method.
+
+    Subclasses implement ``quantize(x)``, which computes the latent in level units
+    and rounds it only through ``self.round_site(z, steps[, low, high])``, and
+    ``initialize(x)`` for their data-driven initialisation on the first batch.
+    With ``bits == 32`` the quantizer is the identity.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.round_site = RoundSite()
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < FULL_PRECISION
+
+    def set_bits(self, bits: int) -> None:
+        """Change the bit-width (a progressive schedule, say); parameters are kept."""
+        self.bits = check_bits(bits)
+
+    def initialize(self, x: Tensor) -> None:
+        """Data-driven initialisation from the first tensor seen (no-op by default)."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(x) if self.enabled else x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class QuantizerMethod:
+    """What a quantizer-method plugin provides. Instances are made by the
+    factory registered under the method's name, with the recipe's method options."""
+
+    name: ClassVar[str] = "?"
+    #: Quantize the first and last layers unless the recipe says otherwise (PROFIT: yes).
+    quantize_first_last: ClassVar[bool] = False
+    #: The layer multiplies its output by a learned |α| (the EWGS paper's quantizer).
+    has_output_scale: ClassVar[bool] = False
+    #: Training callbacks this method needs by default (PROFIT's progressive freezing).
+    callbacks: ClassVar[tuple[str, ...]] = ()
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        raise NotImplementedError
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        raise NotImplementedError
+
+
+class _QuantLayerMixin:
+    """Shared behaviour of ``QuantConv2d`` and ``QuantLinear``."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _setup_quantization(
+        self, method: QuantizerMethod, weight_bits: int, activation_bits: int
+    ) -> None:
+        self.method_name = method.name
+        self.weight_quantizer = method.weight_quantizer(weight_bits)
+        self.input_quantizer = method.activation_quantizer(activation_bits)
+        self.output_scale = (
+            nn.Parameter(torch.ones((), device=self.weight.device))
+            if method.has_output_scale
+            else None
+        )
+        self.register_buffer("quant_initialized", torch.tensor(False, device=self.weight.device))
+        self._initialized = False
+
+    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize_quantizers(self, x: Tensor) -> None:
+        """The first-forward initialisation: weight and input quantizers from the data,
+        then α = E|o| / E|o_q| (full-precision vs quantized output of this layer)."""
+        self.weight_quantizer.initialize(self.weight)
+        self.input_quantizer.initialize(x)
+        if self.output_scale is not None:
+            full = self._linear_op(x, self.weight).abs().mean()
+            quantized = (
+                self._linear_op(self.input_quantizer(x), self.weight_quantizer(self.weight))
+                .abs()
+                .mean()
+            )
+            self.output_scale.fill_(float(full / quantized) if quantized > 0 else 1.0)
+        self.quant_initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._initialized:
+            self.initialize_quantizers(x)
+        out = self._linear_op(self.input_quantizer(x), self.weight_quantizer(self.weight))
+        if self.output_scale is not None:
+            out = out * self.output_scale.abs()
+        if self.bias is not None:
+            shape = (1, -1) + (1,) * (out.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
+            out = out + self.bias.view(shape)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        self._initialized = bool(self.quant_initialized)
+
+
+class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` with quantized weights and input (same state-dict keys for
+    weight and bias, so full-precision checkpoints load into it)."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        method: QuantizerMethod,
+        weight_bits: int,
+        activation_bits: int,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._setup_quantization(method, weight_bits, activation_bits)
+
+    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, None)
+
+
+class QuantLinear(_QuantLayerMixin, nn.Linear):
+    """``nn.Linear`` with quantized weights and input."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        method: QuantizerMethod,
+        weight_bits: int,
+        activation_bits: int,
+    ) -> None:
+        nn.Linear.__init__(
+            self,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+        )
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._setup_quantization(method, weight_bits, activation_bits)
+
+    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
+    """Every quantized layer of ``model`` by qualified name, in definition order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+
+
+def _resolve(kind: str, value: Any) -> Any:
+    if isinstance(value, str):
+        from .registry import registry
+
+        return registry().create(kind, value)
+    return value
+
+
+def quantize_model(
+    model: nn.Module,
+    method: QuantizerMethod | str,
+    *,
+    weight_bits: int,
+    activation_bits: int,
+    backward: BackwardRule | str = "ste",
+    delta: float = 0.0,
+    quantize_first_last: bool | None = None,
+    exclude: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d``/``nn.Linear`` of ``model`` by its quantized version.
+
+    The first and last of them stay full precision unless ``quantize_first_last``
+    (default: the method's own choice; PROFIT quantizes all). When the first layer is
+    quantized, only its weights are: its input is the raw image. Layers whose
+    qualified name is in ``exclude`` stay full precision. Downsample 1×1 convs are
+    quantized like any other conv. ``method`` and ``backward`` may be registered
+    names. The caller's model is copied unless ``inplace``.
+    """
+    method = _resolve("method", method)
+    backward = _resolve("backward", backward)
+    check_bits(weight_bits, "weight_bits")
+    check_bits(activation_bits, "activation_bits")
+    if quantize_first_last is None:
+        quantize_first_last = method.quantize_first_last
+    if not inplace:
+        model = copy.deepcopy(model)
+    excluded = set(exclude)
+    candidates = [
+        name for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)
+    ]
+    unknown = excluded - set(candidates)
+    if unknown:
+        raise ValueError(f"exclude names layers the model does not have: {sorted(unknown)}")
+    if not candidates:
+        raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
+    first, last = candidates[0], candidates[-1]
+    for name in candidates:
+        if name in excluded or (not quantize_first_last and name in (first, last)):
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child_name)
+        input_bits = FULL_PRECISION if name == first else activation_bits
+        layer_type = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        setattr(parent, child_name, layer_type(layer, method, weight_bits, input_bits))
+    set_backward(model, backward, delta)
+    return model
+
+
+def set_backward(model: nn.Module, rule: BackwardRule | str, delta: float | None = None) -> None:
+    """Attach ``rule`` (and, if given, δ) to every round site of ``model``."""
+    rule = _resolve("backward", rule)
+    for site in round_sites(model).values():
+        site.set_rule(rule)
+        if delta is not None:
+            site.set_delta(delta)
+
+
+def set_deltas(model: nn.Module, deltas: dict[str, float]) -> None:
+    """Set δ per site name (as ``round_sites`` names them); unknown names are an error."""
+    sites = round_sites(model)
+    unknown = set(deltas) - set(sites)
+    if unknown:
+        raise KeyError(f"no round site named {sorted(unknown)}; sites: {sorted(sites)}")
+    for name, value in deltas.items():
+        sites[name].set_delta(value)
+
+
+def deltas(model: nn.Module) -> dict[str, float]:
+    """δ of every round site by name."""
+    return {name: float(site.delta) for name, site in round_sites(model).items()}
+
+
+def active_round_sites(model: nn.Module) -> dict[str, RoundSite]:
+    """Round sites whose quantizer is enabled (bits < 32)."""
+    owners = {id(m.round_site) for m in model.modules() if isinstance(m, Quantizer) and m.enabled}
+    return {n: s for n, s in round_sites(model).items() if id(s) in owners}
+
+
+@torch.no_grad()
+def initialize_quantizers(model: nn.Module, inputs: Tensor) -> None:
+    """Run the first-forward initialisation of every quantized layer on ``inputs``
+    (one training batch), layer by layer in forward order, so each layer sees the
+    already-quantized outputs upstream. The model runs in train mode (batch
+    statistics, as the paper's code does); BatchNorm running statistics are restored
+    afterwards, so only the quantizers change."""
+    layers = quantized_layers(model)
+    for layer in layers.values():
+        layer._initialized = False
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    was_training = model.training
+    model.train()
+    try:
+        model(inputs)
+    finally:
+        model.train(was_training)
+        for module, state in zip(norms, saved):
+            module.load_state_dict(state)

@@ -1,0 +1,135 @@
+"""The round site: the one place where a quantizer rounds.
+
+A method computes its latent in *level units* (the levels are the integers and its
+range spans ``steps`` of them) and calls ``self.round_site(z, steps)``, optionally
+with the clip bounds of its range (``low``/``high``, in level units). The forward
+is exactly ``torch.round(torch.clamp(z, low, high))``; the backward hands the
+incoming gradient to the attached backward rule, then applies the clip's gradient
+(zero outside ``[low, high]``, as ``torch.clamp`` does).
+
+The clip is fused into the site so that EWGS and STE save the same single tensor
+(the unclipped latent, which a separate ``torch.clamp`` would save anyway): EWGS
+recomputes its discretization error from it and costs no activation memory over STE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .backward import BackwardRule, StraightThrough
+
+
+@dataclass
+class RoundContext:
+    """What a backward rule may use: the saved latent (level units), the site's
+    number of steps and its δ (a 0-d tensor)."""
+
+    latent: Tensor | None
+    steps: int
+    delta: Tensor
+
+    def error(self) -> Tensor:
+        """Discretization error ``x_n - x_q`` as a fraction of the range
+        (``(z - round(z)) / steps``, so ``|error| <= 1 / (2 steps)``).
+
+        Outside the clip bounds this is the error of the unclipped latent; the site
+        zeroes those gradients afterwards, so it never reaches the result."""
+        if self.latent is None:
+            raise RuntimeError("this backward rule did not ask for the latent (needs_latent)")
+        return (self.latent - torch.round(self.latent)) / self.steps
+
+
+class _RoundFunction(torch.autograd.Function):
+    # Not once_differentiable: the backward is made of differentiable ops so that
+    # second derivatives (the Hessian δ estimate) flow through it.
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        latent: Tensor,
+        delta: Tensor,
+        steps: int,
+        low: float | None,
+        high: float | None,
+        rule: BackwardRule,
+    ) -> Tensor:
+        clipped = latent if low is None else torch.clamp(latent, low, high)
+        if rule.needs_latent or low is not None:
+            ctx.save_for_backward(latent, delta)
+        else:
+            ctx.save_for_backward(delta)
+        ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
+        return torch.round(clipped)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        latent, delta = (saved[0], saved[1]) if len(saved) == 2 else (None, saved[0])
+        grad_latent = ctx.rule.latent_gradient(grad, RoundContext(latent, ctx.steps, delta))
+        if ctx.low is not None:
+            inside = (latent >= ctx.low) & (latent <= ctx.high)
+            grad_latent = torch.where(inside, grad_latent, torch.zeros_like(grad_latent))
+        return grad_latent, None, None, None, None, None
+
+
+class RoundSite(nn.Module):
+    """Where a quantizer rounds. Holds the backward rule and its δ (a buffer, so it
+    is checkpointed and moves with the model).
+
+    While ``capture`` is a list, each call appends ``(rounded, steps)``: the
+    discrete values as non-leaf tensors of the training graph, which the Hessian δ
+    estimator differentiates against.
+    """
+
+    def __init__(self, rule: BackwardRule | None = None, delta: float = 0.0) -> None:
+        super().__init__()
+        self.rule: BackwardRule = rule if rule is not None else StraightThrough()
+        self.register_buffer("delta", torch.tensor(0.0))
+        self.set_delta(delta)
+        self.capture: list[tuple[Tensor, int]] | None = None
+        self.last_steps: int | None = None
+
+    def set_delta(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0.0:  # also refuses NaN
+            raise ValueError(f"δ must be >= 0, got {value}")
+        self.delta.fill_(value)
+
+    def set_rule(self, rule: BackwardRule) -> None:
+        self.rule = rule
+
+    def forward(
+        self, latent: Tensor, steps: int, low: float | None = None, high: float | None = None
+    ) -> Tensor:
+        if (low is None) != (high is None):
+            raise ValueError("give both clip bounds (low and high) or neither")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if latent.dtype in (torch.float16, torch.bfloat16):
+            latent = latent.float()  # the round site computes in float32 under AMP
+        self.last_steps = steps
+        rounded = _RoundFunction.apply(latent, self.delta, steps, low, high, self.rule)
+        if self.capture is not None:
+            if not rounded.requires_grad:
+                # Nothing upstream needs a gradient (a constant input): make the
+                # discrete values a leaf so the Hessian can still be taken against them.
+                rounded = rounded.detach().requires_grad_()
+            self.capture.append((rounded, steps))
+        return rounded
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule.name}, delta={self.delta.item():.3g}"
+
+
+def site_name(module_name: str) -> str:
+    """Short name of a site: ``conv1.weight_quantizer.round_site`` -> ``conv1.weight``."""
+    name = module_name.removesuffix("round_site").removesuffix(".")
+    return name.removesuffix("_quantizer")
+
+
+def round_sites(model: nn.Module) -> dict[str, RoundSite]:
+    """Every round site of ``model`` by short name (``layer1.0.conv1.weight``,
+    ``layer1.0.conv1.input``), in forward-definition order."""
+    return {site_name(n): m for n, m in model.named_modules() if isinstance(m, RoundSite)}
