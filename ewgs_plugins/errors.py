@@ -12,6 +12,7 @@ class ConfigError(EwgsError, ValueError):
 
     def __init__(self, key_path: str, message: str, source: str | None = None) -> None:
         self.key_path = key_path
+        self.message = message
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key_path}: {message}" if key_path else f"{where}{message}")

@@ -1,0 +1,208 @@
+"""Test-only plugins: a tiny quantizer method with learned parameters, a tiny CNN, and
+training callbacks, registered from code (``ewgs_plugins.register_plugin``) so the
+trainer's tests do not depend on the real methods and models."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, register_plugin, unregister_plugin
+
+
+class ToyQuantizer(Quantizer):
+    """A learned step ``s`` (LSQ-like), signed for weights, unsigned for activations."""
+
+    def __init__(self, bits: int, signed: bool) -> None:
+        super().__init__(bits)
+        self.signed = signed
+        self.step = nn.Parameter(torch.tensor(1.0))
+
+    def _levels(self) -> tuple[int, int]:
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        if self.enabled:
+            high = max(self._levels()[1], 1)
+            self.step.fill_(float(2 * x.abs().mean() / math.sqrt(high)) + 1e-8)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self._levels()
+        z = self.round_site(x / self.step, high - low, low, high)
+        return z * self.step
+
+
+class ToyMethod(QuantizerMethod):
+    name = "toy"
+    has_output_scale = True
+
+    def __init__(self, callbacks: list[str] | None = None) -> None:
+        if callbacks is not None:
+            self.callbacks = tuple(callbacks)
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return ToyQuantizer(bits, signed=True)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        return ToyQuantizer(bits, signed=False)
+
+
+class ToyNoParams(QuantizerMethod):
+    """A method without quantizer parameters (as DoReFa)."""
+
+    name = "toy_plain"
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return PlainQuantizer(bits)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        return PlainQuantizer(bits)
+
+
+class PlainQuantizer(Quantizer):
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        steps = 2**self.bits - 1
+        return self.round_site(torch.sigmoid(x) * steps, steps, 0.0, float(steps)) / steps
+
+
+def toy_cnn(num_classes: int, in_channels: int = 1, width: int = 8) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
+class StopAfter:
+    """Requests a stop at the end of epoch ``epoch`` (an interrupted run)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    @hookimpl
+    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+        if epoch == self.epoch:
+            trainer.request_stop()
+
+
+class NanLoss:
+    """Adds a NaN to the loss from epoch ``epoch`` on."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    @hookimpl
+    def ewgs_extra_loss(self, trainer: Any, inputs: Any, outputs: Any, targets: Any) -> Any:
+        return torch.tensor(float("nan")) if trainer.epoch >= self.epoch else None
+
+
+class CountSteps:
+    """A callback with state: counts steps and logs the count every epoch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+    @hookimpl
+    def ewgs_step_end(self, trainer: Any, step: int, loss: float) -> None:
+        self.count += 1
+
+    @hookimpl
+    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+        metrics["counted_steps"] = self.count
+
+
+class FreezeFirstConv:
+    """At the start of epoch ``epoch``: freeze the first quantized conv's weight and
+    drop the activations to ``bits`` (what PROFIT-like strategies do)."""
+
+    def __init__(self, epoch: int = 1, bits: int = 2) -> None:
+        self.epoch, self.bits = epoch, bits
+
+    @hookimpl
+    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if epoch == self.epoch:
+            from ewgs_plugins import quantized_layers
+
+            first = next(iter(quantized_layers(trainer.model).values()))
+            trainer.set_lr_scale([first.weight], 0.0, weight_decay=0.0)
+            trainer.set_bits(activations=self.bits)
+
+
+class ToyPlugin:
+    @staticmethod
+    @hookimpl
+    def ewgs_methods() -> dict:
+        return {"toy": ToyMethod, "toy_plain": ToyNoParams}
+
+    @staticmethod
+    @hookimpl
+    def ewgs_models() -> dict:
+        return {"toy_cnn": toy_cnn}
+
+    @staticmethod
+    @hookimpl
+    def ewgs_callbacks() -> dict:
+        return {
+            "stop_after": StopAfter,
+            "nan_loss": NanLoss,
+            "count_steps": CountSteps,
+            "freeze_first_conv": FreezeFirstConv,
+        }
+
+
+@contextlib.contextmanager
+def toy_plugins() -> Iterator[None]:
+    register_plugin(ToyPlugin, "test-toys")
+    try:
+        yield
+    finally:
+        unregister_plugin("test-toys")
+
+
+def digits_recipe(output: Path, **changes: Any) -> dict:
+    """A small, fast recipe on the digits data with the toy plugins."""
+    recipe: dict[str, Any] = {
+        "model": {"name": "toy_cnn", "options": {"width": 6}},
+        "data": {"name": "digits", "batch_size": 128, "options": {"test_fraction": 0.5}},
+        "method": "toy",
+        "backward": "ewgs",
+        "bits": "W2A2",
+        "epochs": 2,
+        "delta": {"name": "hessian", "options": {"every": 1, "batches": 1, "samples": 3}},
+        "optimizers": {"weights": {"lr": 0.01}},
+        "seed": 3,
+        "device": "cpu",
+        "output": str(output),
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
