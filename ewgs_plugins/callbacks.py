@@ -1,11 +1,111 @@
-"""Placeholder: built-in training callbacks are being written (issue 4)."""
+"""Training callbacks: objects implementing some ``LifecycleSpec`` hooks, registered on a
+run's own plugin manager. Plugins contribute named ones through ``ewgs_callbacks``
+(a recipe turns them on under ``callbacks:``; a method lists the ones it needs in
+``QuantizerMethod.callbacks``). ``DeltaSchedule`` is always on: the trainer adds it.
 
+A callback with state to checkpoint defines ``state_dict()`` and
+``load_state_dict(state)``; the state must be made of tensors and plain Python values
+(checkpoints are loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from .backward import StraightThrough
+from .delta import DeltaEstimator
 from .hookspecs import hookimpl
+from .quant import active_round_sites, set_deltas
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so a
+    reader never sees a half-written file."""
+    import os
+
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class DeltaSchedule:
+    """The δ schedule: δ starts at the estimator's initial value; an estimator with a
+    schedule (``hessian``) estimates δ every ``every`` epochs (``unit: epoch``, at the
+    start of the epoch, once ``every`` epochs have run) or steps, and once before
+    training if ``before_training``, each time on ``estimator.batches`` freshly drawn
+    training batches of ``batch_size`` (None: the training batch size). Whenever δ of
+    any site changes, the δ of every active site is appended to ``deltas.jsonl`` in the
+    run directory: ``{"epoch": e, "step": s, "deltas": {site: δ}}`` (``epoch`` is the
+    0-based epoch the value applies from, ``step`` the optimizer steps done).
+
+    Under the ``ste`` rule δ has no effect, so nothing is estimated (the initial value is
+    still logged once).
+    """
+
+    FILE = "deltas.jsonl"
+
+    def __init__(self, estimator: DeltaEstimator, batch_size: int | None = None) -> None:
+        self.estimator = estimator
+        self.batch_size = batch_size
+        #: every δ change so far, as written to deltas.jsonl
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": json.loads(json.dumps(self.history))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state["history"])
+
+    @hookimpl
+    def ewgs_train_start(self, trainer: Any) -> None:
+        if not self.history:
+            self._record(trainer)
+            if self.estimator.before_training:
+                self.estimate(trainer)
+        self._write(trainer.run_dir)  # on resume: drop anything logged after the checkpoint
+
+    @hookimpl
+    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if self.estimator.unit == "epoch" and self.estimator.due(epoch=epoch):
+            self.estimate(trainer)
+
+    @hookimpl
+    def ewgs_step_end(self, trainer: Any, step: int, loss: float) -> None:
+        if self.estimator.unit == "step" and self.estimator.due(step=step + 1):
+            self.estimate(trainer)
+
+    def estimate(self, trainer: Any) -> None:
+        """Estimate δ now (in train mode, as the paper does) and apply it."""
+        if isinstance(trainer.backward, StraightThrough):
+            return
+        model = trainer.model
+        batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
+        was_training = model.training
+        model.train()
+        try:
+            new = self.estimator.estimate(model, batches, trainer.loss_fn)
+        finally:
+            model.train(was_training)
+        if new:
+            set_deltas(model, new)
+            self._record(trainer)
+
+    def _record(self, trainer: Any) -> None:
+        current = {n: float(s.delta) for n, s in active_round_sites(trainer.model).items()}
+        if self.history and self.history[-1]["deltas"] == current:
+            return
+        self.history.append({"epoch": trainer.epoch, "step": trainer.step, "deltas": current})
+        self._write(trainer.run_dir)
+
+    def _write(self, run_dir: Path) -> None:
+        write_atomic(run_dir / self.FILE, "".join(json.dumps(row) + "\n" for row in self.history))
 
 
 @hookimpl
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
+    """Named callbacks for recipes. The δ schedule is not among them: it is always on
+    and configured by the recipe's ``delta:`` section."""
     return {}

@@ -1,12 +1,23 @@
-"""The ``ewgs`` command line."""
+"""The ``ewgs`` command line.
+
+    ewgs train RECIPE [key=value ...] [--resume]     one run
+    ewgs compare RECIPE [key=value ...] [--resume]   every run of the matrix, then the report
+    ewgs report RUN_DIR                              table + plots from finished runs
+    ewgs plugins                                     what is registered, from which plugin
+
+Bad input (a recipe error, a missing file, an unknown plugin) prints one line and
+exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from .errors import EwgsError
+from .errors import ConfigError, EwgsError
 from .registry import KINDS, registry
 
 
@@ -23,6 +34,77 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _source(recipe: str) -> Iterator[None]:
+    """A recipe error raised while training (a data file that will not load, say) names
+    the recipe file."""
+    try:
+        yield
+    except ConfigError as error:
+        if error.source:
+            raise
+        raise ConfigError(error.key_path, error.message, recipe) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .train import Trainer, finished_run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with _source(args.recipe):
+        finished = finished_run(recipe)
+    if args.resume and finished:
+        print(f"{recipe.output}: the run has finished already; nothing to resume")
+        return 0
+    with _source(args.recipe):
+        Trainer(recipe, resume=args.resume).run()
+    print(f"run directory: {recipe.output}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .recipe import load_runs
+    from .report import find_runs, table, write_report
+    from .train import Trainer, finished_run
+
+    runs = load_runs(args.recipe, args.overrides)
+    first = runs[0]
+    base = Path(first.recipe.output or "")
+    if first.name:
+        base = base.parent
+    with _source(args.recipe):
+        states = [finished_run(run.recipe) for run in runs]  # before training anything
+    for run, state in zip(runs, states):
+        if state is False and not args.resume:
+            raise ConfigError(
+                "output",
+                f"{run.recipe.output} holds an unfinished run; pass --resume to continue it",
+                args.recipe,
+            )
+    for index, (run, state) in enumerate(zip(runs, states), 1):
+        label = run.name or str(base)
+        if state:
+            print(f"[{index}/{len(runs)}] {label}: finished already")
+            continue
+        print(f"[{index}/{len(runs)}] {label}")
+        with _source(args.recipe):
+            Trainer(run.recipe, resume=state is False).run()
+    report = write_report(base)
+    print()
+    print(table(find_runs(base)))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import find_runs, table, write_report
+
+    report = write_report(args.run_dir)
+    print(table(find_runs(args.run_dir)))
+    print(f"\nreport: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ewgs",
@@ -31,12 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = commands.add_parser("plugins", help="list every registered plugin contribution")
     plugins.set_defaults(handler=_cmd_plugins)
+
+    overrides_help = "recipe overrides: dotted key paths, values in YAML (bits.weights=4)"
+    train = commands.add_parser("train", help="train one run of a recipe")
+    train.add_argument("recipe", help="the recipe (YAML)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(handler=_cmd_train)
+
+    compare = commands.add_parser(
+        "compare", help="train every run of the recipe's matrix, then write the report"
+    )
+    compare.add_argument("recipe", help="the recipe (YAML) with a matrix")
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    compare.add_argument(
+        "--resume", action="store_true", help="continue unfinished runs from their checkpoints"
+    )
+    compare.set_defaults(handler=_cmd_compare)
+
+    report = commands.add_parser("report", help="table and plots from finished runs")
+    report.add_argument("run_dir", help="a run directory, or a folder of them")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow an option (``train r.yaml --resume epochs=10``)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
     except EwgsError as error:
