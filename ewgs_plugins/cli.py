@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, EwgsError
+from .errors import ConfigError, EwgsError, TrainingError
 from .registry import KINDS, registry
 
 
@@ -81,18 +81,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 f"{run.recipe.output} holds an unfinished run; pass --resume to continue it",
                 args.recipe,
             )
+    stopped: list[str] = []
     for index, (run, state) in enumerate(zip(runs, states), 1):
         label = run.name or str(base)
         if state:
             print(f"[{index}/{len(runs)}] {label}: finished already")
             continue
         print(f"[{index}/{len(runs)}] {label}")
-        with _source(args.recipe):
-            Trainer(run.recipe, resume=state is False).run()
-    report = write_report(base)
-    print()
-    print(table(find_runs(base)))
-    print(f"\nreport: {report}")
+        try:
+            with _source(args.recipe):
+                Trainer(run.recipe, resume=state is False).run()
+        except TrainingError as error:  # one diverging run does not stop the others
+            print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
+            stopped.append(label)
+    if len(stopped) < len(runs):
+        report = write_report(base)
+        print()
+        print(table(find_runs(base)))
+        print(f"\nreport: {report}")
+    if stopped:
+        raise TrainingError(
+            f"{len(stopped)} of {len(runs)} runs stopped early ({', '.join(stopped)}); "
+            "the report's table leaves them out"
+        )
     return 0
 
 

@@ -108,3 +108,15 @@ def test_compare_continues_unfinished_runs_only_when_asked(tmp_path, capsys):
     assert cli.main(["compare", str(path), "--resume"]) == 0
     assert "| toy | W2A2 | " in (tmp_path / "out" / "report.md").read_text()
     assert all(run.finished for run in find_runs(tmp_path / "out"))
+
+
+def test_a_diverging_run_does_not_stop_the_others(tmp_path, capsys):
+    raw = digits_recipe(tmp_path / "out", matrix={"callbacks": [{}, {"nan_loss": {"epoch": 1}}]})
+    path = write_recipe(tmp_path / "nan.yaml", raw)
+    assert cli.main(["compare", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "the training loss is nan at epoch 1" in captured.err
+    assert "1 of 2 runs stopped early (callbacks=_nan_loss_epoch_1)" in captured.err
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "1 unfinished run(s) are left out of this table" in report
+    assert "1/2 (unfinished)" in report

@@ -55,6 +55,7 @@ def test_resume_continues_to_the_same_weights_and_metrics(tmp_path):
     assert resumed.finished
     assert without_time(resumed.history) == without_time(straight.history)
     assert resumed.history[-1]["counted_steps"] == straight.step
+    assert [row.get("frozen_layers") for row in resumed.history] == [None, 1, None]
     expected, got = straight.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

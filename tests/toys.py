@@ -151,6 +151,7 @@ class FreezeFirstConv:
             first = next(iter(quantized_layers(trainer.model).values()))
             trainer.set_lr_scale([first.weight], 0.0, weight_decay=0.0)
             trainer.set_bits(activations=self.bits)
+            trainer.log("frozen_layers", 1)
 
 
 class ToyPlugin:
