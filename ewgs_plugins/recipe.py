@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .errors import ConfigError
-from .options import call_with_options, check_type
+from .options import call_with_options, check_type, describe_type
 from .quant import FULL_PRECISION, VALID_BITS
 
 # --------------------------------------------------------------------------- YAML
@@ -300,6 +300,10 @@ class Recipe(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name, options in self.callbacks.items():
+            if name == "delta":
+                raise ConfigError(
+                    "callbacks.delta", "the δ schedule is always on; configure it under delta:"
+                )
             if options is not None and not isinstance(options, Mapping):
                 raise ConfigError(
                     f"callbacks.{name}", f"expected a mapping of options or null, got {options!r}"
@@ -400,8 +404,7 @@ def _parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     known = ", ".join(fields)
     if not isinstance(data, Mapping):
-        where = key_path or "the recipe"
-        raise ConfigError(key_path, f"{where} must be a mapping with keys {known}; got {data!r}")
+        raise ConfigError(key_path, f"expected a mapping with keys {known}, got {data!r}")
     for key in data:
         if key not in fields:
             raise ConfigError(_join(key_path, str(key)), f"unknown key; known keys: {known}")
@@ -427,8 +430,6 @@ def _parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
 
 
 def _describe(hint: Any) -> str:
-    from .options import describe_type
-
     if isinstance(hint, type) and issubclass(hint, Section):
         keys = ", ".join(f.name for f in dataclasses.fields(hint))  # type: ignore[arg-type]
         return f"a mapping with keys {keys}"

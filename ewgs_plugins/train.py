@@ -97,8 +97,9 @@ class LRSchedule:
     linear warm-up, then cosine to ``final_lr_factor`` (or constant). A group's
     ``lr_scale`` (default 1) is how a callback slows or freezes its parameters (0)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: ScheduleConfig, total: int,
-                 warmup: int) -> None:  # fmt: skip
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, config: ScheduleConfig, total: int, warmup: int
+    ) -> None:
         self.optimizer, self.config = optimizer, config
         self.total, self.warmup = max(total, 1), warmup
         self.t = 0

@@ -137,6 +137,7 @@ CASES = {
         set_("callbacks", {"ema": None}),
         "callbacks.ema: unknown training callback 'ema'",
     ),
+    "reserved callback": (set_("callbacks", {"delta": None}), "callbacks.delta: the δ schedule"),
     "callback option type": (
         set_("callbacks", {"stop_after": {"epoch": "x"}}),
         "callbacks.stop_after.epoch: expected int",
@@ -169,7 +170,7 @@ CASES = {
     ),
     "section not a mapping": (
         set_("optimizers", [1]),
-        "optimizers: optimizers must be a mapping with keys weights, quantizer",
+        "optimizers: expected a mapping with keys weights, quantizer, got [1]",
     ),
     "matrix not a list": (
         set_("matrix", {"seed": 1}),
