@@ -1,11 +1,68 @@
-"""Placeholder: the dorefa quantizer method is being written (issue 3)."""
+"""DoReFa-Net (Zhou et al. 2016) as its official code (tensorpack ``dorefa.py``) does it.
+
+``q(x) = round((2^k - 1) x) / (2^k - 1)`` on ``[0, 1]``, where the round is the round site.
+
+- Weights: ``w_n = tanh(w) / (2 max|tanh(w)|) + 1/2`` on ``[0, 1]``, output
+  ``2 q(w_n) - 1`` in ``[-1, 1]``; no rescaling, and the gradient flows through the
+  max (no stop-gradient), as in the official code.
+- Activations: ``q(clip(x, 0, 1))``; the clip is fused into the round site (clip bounds
+  ``0..steps`` on the latent ``x · steps``). Inputs outside ``[0, 1]`` are clipped, as
+  DoReFa's ``clip`` replaces ReLU: negative inputs (MobileNet-V2's linear bottlenecks)
+  become 0 and ReLU6 outputs above 1 become 1.
+
+1-bit weights use the same formula: ``w_n`` is rounded on ``[0, 1]`` to {0, 1} and
+mapped to ±1, so the latent is bounded and EWGS applies at 1 bit like at any other
+bit-width. The original paper's 1-bit case is instead ``sign(w) · E|w|`` with a
+straight-through sign, whose latent ``w / E|w|`` is unbounded; it is not offered.
+
+DoReFa has no learned quantizer parameters.
+"""
+
+from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ewgs_plugins.hookspecs import hookimpl
+from ewgs_plugins.quant import Quantizer, QuantizerMethod
+
+#: Guards the normalisation of an all-zero weight tensor (max|tanh(w)| = 0).
+MIN_MAX = 1e-12
+
+
+class DorefaWeightQuantizer(Quantizer):
+    """``2 q(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        steps = 2**self.bits - 1
+        t = torch.tanh(x)
+        w_n = t / (2.0 * t.abs().max().clamp_min(MIN_MAX)) + 0.5  # in [0, 1] by construction
+        return 2.0 * (self.round_site(w_n * steps, steps) / steps) - 1.0
+
+
+class DorefaActivationQuantizer(Quantizer):
+    """``q(clip(x, 0, 1))``."""
+
+    def quantize(self, x: Tensor) -> Tensor:
+        steps = 2**self.bits - 1
+        return self.round_site(x * steps, steps, 0.0, float(steps)) / steps
+
+
+class DorefaMethod(QuantizerMethod):
+    """DoReFa-Net, official-code formulas. No options."""
+
+    name = "dorefa"
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return DorefaWeightQuantizer(bits)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        return DorefaActivationQuantizer(bits)
 
 
 @hookimpl
 def ewgs_methods() -> Mapping[str, Callable[..., Any]]:
-    return {}
+    return {"dorefa": DorefaMethod}

@@ -1,11 +1,111 @@
-"""Placeholder: the lsq quantizer method is being written (issue 3)."""
+"""LSQ: Learned Step Size Quantization (Esser et al., ICLR 2020).
 
+    v̄ = round(clip(v / s, -Q_N, Q_P)),   v̂ = v̄ · s
+
+The latent handed to the round site is ``v / s`` in level units (the integers), with
+the clip bounds ``-Q_N..Q_P`` and ``steps = Q_N + Q_P``.
+
+- Weights are signed: ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``.
+- Activations are unsigned (``Q_N = 0``, ``Q_P = 2^b - 1``), except that an activation
+  quantizer whose first batch has a negative value (MobileNet-V2's linear bottlenecks,
+  say) becomes signed, with the weights' ``Q_N, Q_P``. The choice is a buffer
+  (``signed``) and is checkpointed.
+- ``s`` is initialised to ``2 E|v| / sqrt(Q_P)`` on the first batch.
+- The gradient of ``s`` is scaled by ``g = 1 / sqrt(N · Q_P)`` (forward value unchanged).
+  ``N`` is the number of weights of the layer for weights, and the number of features
+  of one sample (``v.numel() / batch size``, the paper's N_F) for activations; some
+  public ports use the whole batch's ``v.numel()``, which makes ``g`` depend on the
+  batch size. ``grad_scale: false`` turns the scaling off (the paper's ablation).
+
+1 bit, signed (weights, or signed activations): ``Q_P = 2^0 - 1 = 0`` leaves the grid
+{-1, 0}·s, which is degenerate (the init divides by ``sqrt(Q_P) = 0``). Signed 1-bit
+quantizers use the symmetric binary grid ``{-s/2, +s/2}`` instead: latent
+``v / s + 1/2`` clipped to ``[0, 1]`` and rounded to {0, 1} (one step), output
+``(v̄ - 1/2) · s``. ``s`` stays the distance between adjacent levels; the init and the
+gradient scale use ``Q_P = 1``, so the levels start at ``±E|v|`` (the binary-weight
+scale of BWN/XNOR-Net). Unsigned 1-bit activations are LSQ's own {0, s}.
+"""
+
+from __future__ import annotations
+
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
 from ewgs_plugins.hookspecs import hookimpl
+from ewgs_plugins.quant import Quantizer, QuantizerMethod
+
+from ._common import SignFromFirstBatch, scale_gradient
+
+#: Smallest step the initialisation gives (a first batch of zeros has E|v| = 0).
+MIN_STEP = 1e-8
+
+
+class LsqQuantizer(SignFromFirstBatch):
+    """A learned step ``s`` (``self.step``, a scalar)."""
+
+    def __init__(self, bits: int, signed: bool | None, grad_scale: bool = True) -> None:
+        super().__init__(bits, signed)
+        self.grad_scale = grad_scale
+        self.step = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def binary(self) -> bool:
+        """Signed at 1 bit: the symmetric grid {-s/2, +s/2}."""
+        return self.is_signed and self.bits == 1
+
+    def levels(self) -> tuple[int, int]:
+        """``(Q_N, Q_P)``; the binary grid counts as ``(0, 1)``: one step, Q_P = 1."""
+        if self.binary:
+            return 0, 1
+        if self.is_signed:
+            return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        if not self.enabled:
+            return
+        self.decide_sign(x)
+        _, q_p = self.levels()
+        value = 2.0 * float(x.detach().abs().float().mean()) / math.sqrt(q_p)
+        self.step.fill_(max(value, MIN_STEP))
+
+    def gradient_count(self, x: Tensor) -> int:
+        """``N`` of the gradient scale: every weight, or one sample's features."""
+        if self.sign_from_data and x.dim() > 1:
+            return x[0].numel()
+        return x.numel()
+
+    def quantize(self, x: Tensor) -> Tensor:
+        q_n, q_p = self.levels()
+        step = self.step
+        if self.grad_scale:
+            step = scale_gradient(step, 1.0 / math.sqrt(self.gradient_count(x) * q_p))
+        offset = 0.5 if self.binary else 0.0  # the binary grid sits half a step off zero
+        levels = self.round_site(x / step + offset, q_n + q_p, float(-q_n), float(q_p))
+        return (levels - offset) * step
+
+
+class LsqMethod(QuantizerMethod):
+    """LSQ with a scalar step per quantizer. ``grad_scale``: scale the step's gradient
+    by ``1 / sqrt(N · Q_P)`` (the paper; off for its ablation)."""
+
+    name = "lsq"
+
+    def __init__(self, grad_scale: bool = True) -> None:
+        self.grad_scale = grad_scale
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return LsqQuantizer(bits, signed=True, grad_scale=self.grad_scale)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        return LsqQuantizer(bits, signed=None, grad_scale=self.grad_scale)
 
 
 @hookimpl
 def ewgs_methods() -> Mapping[str, Callable[..., Any]]:
-    return {}
+    return {"lsq": LsqMethod}
