@@ -93,8 +93,9 @@ class _QuantLayerMixin:
         self, method: QuantizerMethod, weight_bits: int, activation_bits: int
     ) -> None:
         self.method_name = method.name
-        self.weight_quantizer = method.weight_quantizer(weight_bits)
-        self.input_quantizer = method.activation_quantizer(activation_bits)
+        # Quantizers are made without knowing the device: put them beside the weight.
+        self.weight_quantizer = method.weight_quantizer(weight_bits).to(self.weight.device)
+        self.input_quantizer = method.activation_quantizer(activation_bits).to(self.weight.device)
         self.output_scale = (
             nn.Parameter(torch.ones((), device=self.weight.device))
             if method.has_output_scale

@@ -297,3 +297,17 @@ def test_load_full_precision_refuses_pickled_objects(tmp_path):
     torch.save(digits_cnn(10), path)  # a whole pickled module, not a state_dict
     with pytest.raises(ValueError, match="weights_only"):
         load_full_precision(digits_cnn(10), Path(path))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantizers_are_made_on_the_device_of_the_model(method):
+    """Device-agnostic conversion: a model already on a device (``meta`` here, as CUDA
+    would be) gets its quantizer parameters and buffers on that device too."""
+    with torch.device("meta"):
+        model = resnet20()
+    quantized = quantize_model(model, method, weight_bits=2, activation_bits=2)
+    tensors = [*quantized.parameters(), *quantized.buffers()]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert any("quantizer" in name for name, _ in quantized.named_parameters()) or (
+        method == "dorefa"
+    )
