@@ -284,8 +284,9 @@ class Recipe(Section):
     device: str = "auto"
     #: the run directory (null: runs/<recipe file name>)
     output: str | None = None
-    #: training callbacks by name -> options, added to the method's default callbacks
-    callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    #: training callbacks by name -> options (or null), added to the method's default
+    #: callbacks; false turns one of those defaults off
+    callbacks: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
     # Later keys (compile, amp, channels_last, sync_bn) are one line each here.
 
     def check(self, key_path: str) -> None:
@@ -304,9 +305,11 @@ class Recipe(Section):
                 raise ConfigError(
                     "callbacks.delta", "the δ schedule is always on; configure it under delta:"
                 )
-            if options is not None and not isinstance(options, Mapping):
+            if not (options is None or isinstance(options, (Mapping, bool))):
                 raise ConfigError(
-                    f"callbacks.{name}", f"expected a mapping of options or null, got {options!r}"
+                    f"callbacks.{name}",
+                    f"expected a mapping of options, null (no options) or false (off), "
+                    f"got {options!r}",
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,10 +340,14 @@ class Recipe(Section):
 
     def callback_options(self, method: Any) -> dict[str, dict[str, Any]]:
         """Callbacks of the run by name -> options: the method's defaults, then the
-        recipe's (a recipe entry with the same name gives that callback's options)."""
+        recipe's (a recipe entry with the same name gives that callback's options;
+        ``false`` turns it off)."""
         chosen: dict[str, dict[str, Any]] = {name: {} for name in method.callbacks}
         for name, options in self.callbacks.items():
-            chosen[name] = dict(options or {})
+            if options is False:
+                chosen.pop(name, None)
+            else:
+                chosen[name] = dict(options) if isinstance(options, Mapping) else {}
         return chosen
 
     def make_callback(self, name: str, options: Mapping[str, Any]) -> Any:

@@ -268,8 +268,20 @@ class Trainer:
     # ------------------------------------------------------------------ building
 
     def _build_model(self) -> nn.Module:
+        """The model, quantized, with its full-precision weights loaded (after the
+        conversion, so a file from a run of this trainer at 32 bits loads too; the
+        quantizers are initialised afterwards, on a training batch)."""
         recipe = self.recipe
-        model = recipe.make_model(self.num_classes)
+        model = quantize_model(
+            recipe.make_model(self.num_classes),
+            self.method,
+            weight_bits=recipe.bits.weights,
+            activation_bits=recipe.bits.activations,
+            backward=self.backward,
+            delta=self.delta_estimator.initial(),
+            quantize_first_last=recipe.quantize_first_last,
+            inplace=True,
+        )
         if recipe.model.weights is not None:
             from . import models
 
@@ -277,19 +289,9 @@ class Trainer:
                 models.load_full_precision(model, recipe.model.weights)
             except EwgsError:
                 raise
-            except Exception as error:
-                raise ConfigError(
-                    "model.weights", f"{recipe.model.weights}: {type(error).__name__}: {error}"
-                ) from None
-        return quantize_model(
-            model,
-            self.method,
-            weight_bits=recipe.bits.weights,
-            activation_bits=recipe.bits.activations,
-            backward=self.backward,
-            delta=self.delta_estimator.initial(),
-            quantize_first_last=recipe.quantize_first_last,
-        ).to(self.device)
+            except Exception as error:  # a user's file: any failure is bad input
+                raise ConfigError("model.weights", f"{type(error).__name__}: {error}") from None
+        return model.to(self.device)
 
     def _initial_groups(self) -> dict[str, list[list[str]]]:
         quantizer = quantizer_parameters(self.model)

@@ -138,6 +138,10 @@ CASES = {
         "callbacks.ema: unknown training callback 'ema'",
     ),
     "reserved callback": (set_("callbacks", {"delta": None}), "callbacks.delta: the δ schedule"),
+    "callback options": (
+        set_("callbacks", {"stop_after": 3}),
+        "callbacks.stop_after: expected a mapping of options, null (no options) or false",
+    ),
     "callback option type": (
         set_("callbacks", {"stop_after": {"epoch": "x"}}),
         "callbacks.stop_after.epoch: expected int",
@@ -240,6 +244,12 @@ def test_overrides_set_dotted_paths_with_yaml_values(tmp_path):
         "count_steps": {},
         "stop_after": {"epoch": 1},
     }
+    # false turns a method's default callback off (and is harmless for another method)
+    off = load_recipe(
+        path, ["method.options.callbacks=[count_steps]", "callbacks.count_steps=false"]
+    )
+    assert off.callback_options(off.make_method()) == {}
+    assert load_recipe(path, ["callbacks={other: false}"]).callbacks == {"other": False}
     # a shorthand section is expanded before a key below it is set
     assert load_recipe(path, ["method.options.callbacks=[]"]).method.name == "toy"
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
