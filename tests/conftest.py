@@ -14,3 +14,8 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+# Two test workers' worth of torch threads fight over CI's 2 cores; one is faster.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

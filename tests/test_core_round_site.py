@@ -78,8 +78,11 @@ def test_ewgs_gradient_is_eq4(case, delta):
     expected = g * (1 + delta * np.sign(g) * error)
     if low is not None:
         expected = np.where((z >= low) & (z <= high), expected, 0.0)
-    tolerance = 1e-6 if latent.dtype == torch.float32 else 1e-12
-    np.testing.assert_allclose(g_n.double().numpy(), expected, rtol=tolerance, atol=1e-30)
+    # Relative to |g|·(1 + δ): the factor may cancel to ~0, where float32 keeps only
+    # an absolute precision of its rounding unit times the terms that cancelled.
+    eps = 1e-6 if latent.dtype == torch.float32 else 1e-12
+    bound = eps * np.abs(g) * (1 + delta)
+    assert np.all(np.abs(g_n.double().numpy() - expected) <= bound)
 
 
 @given(round_cases(), st.floats(0.0, 10.0))
