@@ -5,7 +5,7 @@ range spans ``steps`` of them) and calls ``self.round_site(z, steps)``, optional
 with the clip bounds of its range (``low``/``high``, in level units). The forward
 is exactly ``torch.round(torch.clamp(z, low, high))``; the backward hands the
 incoming gradient to the attached backward rule, then applies the clip's gradient
-(zero outside ``[low, high]``, as ``torch.clamp`` does).
+(zero outside ``[low, high]``, bounds included as inside).
 
 The clip is fused into the site so that EWGS and STE save the same single tensor
 (the unclipped latent, which a separate ``torch.clamp`` would save anyway): EWGS
