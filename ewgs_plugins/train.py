@@ -171,7 +171,8 @@ class Trainer:
     - ``method`` (``QuantizerMethod``), ``backward`` (``BackwardRule``),
       ``delta_estimator`` (``DeltaEstimator``), ``dataset`` (``data.DatasetSpec``),
       ``train_set`` and ``test_set`` (torch datasets), ``num_classes``
-    - ``model``: the quantized model, on ``device``
+    - ``model``: the quantized model, on ``device``; ``forward_model``: what the training
+      step calls (``model`` or a compiled / distributed wrapper of it)
     - ``optimizers``: ``{"weights": ..., "quantizer": ...}`` (no ``"quantizer"`` when the
       method has no quantizer parameters, as DoReFa); ``schedulers``: an ``LRSchedule``
       per optimizer. A param group's ``lr`` is ``initial_lr × lr_scale × schedule``:
@@ -231,6 +232,9 @@ class Trainer:
         self.num_classes = self.dataset.num_classes(recipe.data.root)
         self.steps_per_epoch = math.ceil(len(self.train_set) / recipe.data.batch_size)
         self.model = self._build_model()
+        #: what the training step calls: the model itself, or a wrapper of it (compiled,
+        #: DistributedDataParallel); callbacks read and change ``model``
+        self.forward_model: nn.Module = self.model
 
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, LRSchedule] = {}
@@ -538,20 +542,7 @@ class Trainer:
         try:
             for batch in loader:
                 inputs, targets = self._to_device(batch)
-                outputs = self.model(inputs)
-                loss = self.criterion(outputs, targets)
-                extra = self.hooks.ewgs_extra_loss(
-                    trainer=self, inputs=inputs, outputs=outputs, targets=targets
-                )
-                total = loss + sum(extra) if extra else loss
-                value = float(total.detach())
-                if not math.isfinite(value):
-                    self._non_finite(value)
-                for optimizer in self.optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                for optimizer in self.optimizers.values():
-                    optimizer.step()
+                loss, outputs, value = self._train_step(inputs, targets)
                 self.step += 1
                 if self.recipe.schedule.unit == "step":
                     for scheduler in self.schedulers.values():
@@ -570,6 +561,26 @@ class Trainer:
             "train_loss": loss_sum / max(count, 1),
             "train_top1": 100.0 * correct / max(count, 1),
         }
+
+    def _train_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float]:
+        """One optimizer step on a batch: forward through ``forward_model``, the task
+        loss plus every callback's extra term, backward, every optimizer steps. Returns
+        the task loss, the outputs and the total loss as a float."""
+        outputs = self.forward_model(inputs)
+        loss = self.criterion(outputs, targets)
+        extra = self.hooks.ewgs_extra_loss(
+            trainer=self, inputs=inputs, outputs=outputs, targets=targets
+        )
+        total = loss + sum(extra) if extra else loss
+        value = float(total.detach())
+        if not math.isfinite(value):
+            self._non_finite(value)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        return loss, outputs, value
 
     def _non_finite(self, value: float) -> None:
         checkpoint = self.run_dir / CHECKPOINT_LAST
