@@ -15,6 +15,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import distributed
 from .backward import StraightThrough
 from .delta import DeltaEstimator
 from .hookspecs import hookimpl
@@ -23,9 +26,12 @@ from .quant import active_round_sites, set_deltas
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so a
-    reader never sees a half-written file."""
+    reader never sees a half-written file. Under torchrun only rank 0 writes (every
+    process holds the same run)."""
     import os
 
+    if not distributed.is_main():
+        return
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -78,18 +84,30 @@ class DeltaSchedule:
             self.estimate(trainer)
 
     def estimate(self, trainer: Any) -> None:
-        """Estimate δ now (in train mode, as the paper does) and apply it."""
+        """Estimate δ now (in train mode, as the paper does) and apply it.
+
+        The batches and the random probes come from seeds derived from (seed, epoch,
+        step): under torchrun every process estimates on the same whole batches (so δ
+        does not depend on the number of processes), and takes rank 0's δ."""
         if isinstance(trainer.backward, StraightThrough):
             return
+        from .train import derive_seed
+
         model = trainer.model
         batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
         was_training = model.training
         model.train()
+        cuda = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
         try:
-            new = self.estimator.estimate(model, batches, trainer.loss_fn)
+            with torch.random.fork_rng(devices=cuda), distributed.local_batchnorm(model):
+                torch.manual_seed(
+                    derive_seed(trainer.recipe.seed, "probes", trainer.epoch, trainer.step)
+                )
+                new = self.estimator.estimate(model, batches, trainer.loss_fn)
         finally:
             model.train(was_training)
         if new:
+            new = distributed.broadcast_values(new)
             set_deltas(model, new)
             self._record(trainer)
 

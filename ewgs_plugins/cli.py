@@ -17,8 +17,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import distributed
 from .errors import ConfigError, EwgsError, TrainingError
 from .registry import KINDS, registry
+
+
+def _say(*text: object) -> None:
+    """Print, on rank 0 only under torchrun."""
+    if distributed.is_main():
+        print(*text, flush=True)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -54,11 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with _source(args.recipe):
         finished = finished_run(recipe)
     if args.resume and finished:
-        print(f"{recipe.output}: the run has finished already; nothing to resume")
+        _say(f"{recipe.output}: the run has finished already; nothing to resume")
         return 0
     with _source(args.recipe):
         Trainer(recipe, resume=args.resume).run()
-    print(f"run directory: {recipe.output}")
+    _say(f"run directory: {recipe.output}")
     return 0
 
 
@@ -85,16 +92,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for index, (run, state) in enumerate(zip(runs, states), 1):
         label = run.name or str(base)
         if state:
-            print(f"[{index}/{len(runs)}] {label}: finished already")
+            _say(f"[{index}/{len(runs)}] {label}: finished already")
             continue
-        print(f"[{index}/{len(runs)}] {label}")
+        _say(f"[{index}/{len(runs)}] {label}")
         try:
             with _source(args.recipe):
                 Trainer(run.recipe, resume=state is False).run()
         except TrainingError as error:  # one diverging run does not stop the others
             print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
             stopped.append(label)
-    if len(stopped) < len(runs):
+    if len(stopped) < len(runs) and distributed.is_main():
         report = write_report(base)
         print()
         print(table(find_runs(base)))

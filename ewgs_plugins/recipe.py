@@ -264,6 +264,18 @@ class ScheduleConfig(Section):
 
 
 @dataclass(kw_only=True)
+class DistributedConfig(Section):
+    """Multi-process training under ``torchrun`` (no effect in a single process).
+    ``data.batch_size`` is then the global batch, split evenly across the processes."""
+
+    #: BatchNorm statistics over the global batch (torch's SyncBatchNorm; CUDA only)
+    sync_batchnorm: bool = False
+    #: DDP's option (null: on when a quantizer at 32 bits has parameters, which get no
+    #: gradient); turn it on for a model with parameters its forward does not use
+    find_unused_parameters: bool | None = None
+
+
+@dataclass(kw_only=True)
 class Recipe(Section):
     """One run. Relative paths are relative to the current working directory."""
 
@@ -288,6 +300,7 @@ class Recipe(Section):
     #: callbacks; false turns one of those defaults off
     callbacks: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
     # Later keys (compile, amp, channels_last, sync_bn) are one line each here.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self, key_path: str) -> None:
         _positive(self.epochs, "epochs")

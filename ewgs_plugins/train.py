@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .callbacks import DeltaSchedule, write_atomic
 from .errors import ConfigError, EwgsError, PluginError, TrainingError
 from .hookspecs import PROJECT, LifecycleSpec
@@ -202,8 +203,10 @@ class Trainer:
         line per epoch)."""
         self.recipe = recipe
         self.run_dir = Path(recipe.output or "runs/run")
-        self.device = recipe.resolve_device()
+        self.device = distributed.setup(recipe)
+        distributed.check_batch_size(recipe.data.batch_size)
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = self.progress and distributed.is_main()
         self.epoch = 0
         self.step = 0
         self.start_epoch = 0
@@ -230,7 +233,7 @@ class Trainer:
         self.train_set = self.dataset.train_set(recipe.data.root)
         self.test_set = self.dataset.test_set(recipe.data.root)
         self.num_classes = self.dataset.num_classes(recipe.data.root)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / recipe.data.batch_size)
+        self.steps_per_epoch = len(self.train_sampler(0))
         self.model = self._build_model()
         #: what the training step calls: the model itself, or a wrapper of it (compiled,
         #: DistributedDataParallel); callbacks read and change ``model``
@@ -268,6 +271,15 @@ class Trainer:
             init_batch = self.sample_batches(1, tag="init")[0]
             initialize_quantizers(self.model, init_batch[0])
         self.check_param_groups()
+        self._ddp: distributed.DataParallel | None = None
+        if distributed.is_distributed():
+            self._ddp = distributed.DataParallel(
+                self.model,
+                self.device,
+                sync_batchnorm=recipe.distributed.sync_batchnorm,
+                find_unused_parameters=recipe.distributed.find_unused_parameters,
+            )
+            self.model, self.forward_model = self._ddp.model, self._ddp.module
 
     # ------------------------------------------------------------------ building
 
@@ -361,14 +373,22 @@ class Trainer:
             targets.to(self.device, non_blocking=non_blocking),
         )
 
+    def train_sampler(self, epoch: int) -> distributed.GlobalBatchSampler:
+        """This process's share of each global batch of ``epoch``; the global batches
+        (``data.batch_size`` each) come from (seed, epoch), whatever the process count."""
+        return distributed.GlobalBatchSampler(
+            len(self.train_set),
+            self.recipe.data.batch_size,
+            derive_seed(self.recipe.seed, "shuffle", epoch),
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+
     def train_loader(self, epoch: int) -> DataLoader:
-        """The training loader of ``epoch``: its shuffling comes from (seed, epoch)."""
-        generator = torch.Generator().manual_seed(derive_seed(self.recipe.seed, "shuffle", epoch))
+        """The training loader of ``epoch`` (batches of ``train_sampler(epoch)``)."""
         return DataLoader(
             self.train_set,
-            batch_size=self.recipe.data.batch_size,
-            shuffle=True,
-            generator=generator,
+            batch_sampler=self.train_sampler(epoch),
             num_workers=self.recipe.data.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -397,13 +417,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Test loss and top-1 (%) of ``model`` (default: the trained one) in eval mode."""
+        """Test loss and top-1 (%) of ``model`` (default: the trained one) in eval mode.
+        Under DDP each process evaluates its share of the test set and every process
+        gets the totals (so call it on every process)."""
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
+        world = distributed.world_size()
+        indices = distributed.share(range(len(self.test_set)), distributed.rank(), world)
         loader = DataLoader(
-            self.test_set,
-            batch_size=self.recipe.data.batch_size,
+            torch.utils.data.Subset(self.test_set, indices) if world > 1 else self.test_set,
+            batch_size=self.recipe.data.batch_size // world,
             num_workers=self.recipe.data.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -417,6 +441,7 @@ class Trainer:
                 count += len(targets)
         finally:
             model.train(was_training)
+        loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count])
         return {"test_loss": loss_sum / max(count, 1), "test_top1": 100.0 * correct / max(count, 1)}
 
     def quantizers(self) -> dict[str, Quantizer]:
@@ -484,7 +509,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the last metrics row."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.start_epoch == 0:
             header = "# resolved recipe (every key, defaults filled in)\n"
             write_atomic(self.run_dir / RECIPE_FILE, header + dump_yaml(self.recipe.to_dict()))
@@ -495,7 +521,9 @@ class Trainer:
                 break
             self.epoch = epoch
             started = time.perf_counter()
-            seed_everything(derive_seed(self.recipe.seed, "epoch", epoch))
+            # each process augments its share with its own random stream
+            rank = () if distributed.is_main() else (distributed.rank(),)
+            seed_everything(derive_seed(self.recipe.seed, "epoch", epoch, *rank))
             self.metrics = {}
             self.hooks.ewgs_epoch_start(trainer=self, epoch=epoch)
             lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.optimizers.items()}
@@ -514,11 +542,13 @@ class Trainer:
             is_best = self.best is None or self.metrics["test_top1"] > self.best["test_top1"]
             if is_best:
                 self.best = self.metrics
-            self._save_checkpoint(best=is_best)
-            self._write_metrics()
-            self._print_epoch()
+            if distributed.is_main():
+                self._save_checkpoint(best=is_best)
+                self._write_metrics()
+                self._print_epoch()
         if self.finished:
             self.hooks.ewgs_train_end(trainer=self)
+        distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
 
     @property
@@ -557,6 +587,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count])
+        distributed.broadcast_buffers(self.model)
         return {
             "train_loss": loss_sum / max(count, 1),
             "train_top1": 100.0 * correct / max(count, 1),
@@ -572,7 +604,7 @@ class Trainer:
             trainer=self, inputs=inputs, outputs=outputs, targets=targets
         )
         total = loss + sum(extra) if extra else loss
-        value = float(total.detach())
+        value = self._ddp.step_value(total, len(targets)) if self._ddp else float(total.detach())
         if not math.isfinite(value):
             self._non_finite(value)
         for optimizer in self.optimizers.values():

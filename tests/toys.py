@@ -75,16 +75,24 @@ class PlainQuantizer(Quantizer):
         return self.round_site(torch.sigmoid(x) * steps, steps, 0.0, float(steps)) / steps
 
 
-def toy_cnn(num_classes: int, in_channels: int = 1, width: int = 8) -> nn.Module:
+def toy_cnn(
+    num_classes: int, in_channels: int = 1, width: int = 8, batchnorm: bool = True
+) -> nn.Module:
+    """Three convs and a linear head; ``batchnorm: false`` puts identities in place of
+    the BatchNorm layers (same layer names)."""
+
+    def norm() -> nn.Module:
+        return nn.BatchNorm2d(width) if batchnorm else nn.Identity()
+
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        norm(),
         nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        norm(),
         nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        norm(),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
@@ -154,6 +162,28 @@ class FreezeFirstConv:
             trainer.log("frozen_layers", 1)
 
 
+class DumpState:
+    """At the end of training, saves what this process holds (model state, δ history,
+    metrics, the quantizers' signed/unsigned decision) to ``directory/rank<R>.pt``:
+    how the multi-process test compares the processes."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    @hookimpl
+    def ewgs_train_end(self, trainer: Any) -> None:
+        from ewgs_plugins import distributed
+
+        state = {
+            "model": trainer.model.state_dict(),
+            "deltas": trainer.callbacks["delta"].history,
+            "history": trainer.history,
+            "signed": {n: q.is_signed for n, q in trainer.quantizers().items()},
+            "forward_model": type(trainer.forward_model).__name__,
+        }
+        torch.save(state, Path(self.directory) / f"rank{distributed.rank()}.pt")
+
+
 class ToyPlugin:
     @staticmethod
     @hookimpl
@@ -173,6 +203,7 @@ class ToyPlugin:
             "nan_loss": NanLoss,
             "count_steps": CountSteps,
             "freeze_first_conv": FreezeFirstConv,
+            "dump_state": DumpState,
         }
 
 
