@@ -12,6 +12,10 @@ for δ estimation or initialisation use their own derived seeds (so they do not 
 the training stream: STE and EWGS runs of one seed see the same data), and a checkpoint
 holds everything else, so ``resume`` continues to the same weights and metrics as an
 uninterrupted run.
+
+Under ``torchrun`` (``distributed``) ``data.batch_size`` is the global batch, split
+across the processes; the global batches, the quantizers' initialisation and δ are
+the same for any number of processes, and rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -50,7 +54,13 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 #: recipe keys that may differ on resume (where and how fast, not what, is trained)
-RESUME_MAY_CHANGE = ("device", "data.workers", "data.root", "output")
+RESUME_MAY_CHANGE = (
+    "device",
+    "data.workers",
+    "data.root",
+    "output",
+    "distributed.find_unused_parameters",
+)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -397,7 +407,8 @@ class Trainer:
         self, count: int, batch_size: int | None = None, *, tag: str = "sample"
     ) -> list[tuple[Tensor, Tensor]]:
         """``count`` training batches (augmented, shuffled) on the device, drawn with a
-        seed derived from (seed, tag, epoch, step); the global RNG is left as it was."""
+        seed derived from (seed, tag, epoch, step); the global RNG is left as it was.
+        Under DDP every process draws the same whole batches (not a share)."""
         seed = derive_seed(self.recipe.seed, tag, self.epoch, self.step)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
