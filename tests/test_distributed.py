@@ -23,18 +23,21 @@ TESTS = Path(__file__).parent
 
 
 def ddp_recipe(output: Path, **changes) -> dict:
-    # No BatchNorm (torch's SyncBatchNorm is CUDA-only, and per-process BN statistics
-    # differ from the global batch's) and no augmentation (each process draws its own),
-    # so two processes compute what one does, up to float rounding. 359 training images
-    # in global batches of 120: the last one (119) splits unevenly (59 + 60). LSQ with
-    # every layer quantized: the first layer's input quantizer is off (32 bits) and its
-    # step gets no gradient (DDP's find_unused_parameters).
+    # Two processes compute what one does up to float rounding when nothing else differs:
+    # no BatchNorm (torch's SyncBatchNorm is CUDA-only, and per-process BN statistics
+    # differ from the global batch's), no augmentation (each process draws its own), and
+    # activations not quantized (float rounding would move an activation latent across a
+    # rounding boundary now and then, a jump far above rounding; the weights, a few
+    # hundred latents, have EWGS and the Hessian δ). 359 training images in global
+    # batches of 178: the last one (3) splits unevenly (1 + 2). LSQ with every layer
+    # quantized: the input quantizers are off (32 bits) and their steps get no gradient
+    # (DDP's find_unused_parameters).
     recipe = digits_recipe(
         output,
         model={"name": "toy_cnn", "options": {"width": 6, "batchnorm": False}},
-        data={"name": "digits", "batch_size": 120, "options": {"test_fraction": 0.8, "shift": 0}},
+        data={"name": "digits", "batch_size": 178, "options": {"test_fraction": 0.8, "shift": 0}},
         method="lsq",
-        bits="W4A4",
+        bits="W4A32",
         quantize_first_last=True,
         delta={"name": "hessian", "options": {"every": 2, "unit": "step", "samples": 3}},
         optimizers={"weights": {"name": "sgd", "lr": 0.05}, "quantizer": {"name": "sgd"}},
@@ -165,3 +168,22 @@ def test_batch_size_sync_batchnorm_and_device_errors(tmp_path, monkeypatch):
     run.recipe.device = "cuda:1"
     with pytest.raises(ConfigError, match="device: 'cuda:1' under torchrun"):
         distributed.setup(run.recipe)
+
+
+def test_local_batchnorm_computes_sync_batchnorm_as_batchnorm_and_restores_it():
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(3)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(plain))
+    layer = synced[0]
+    assert isinstance(layer, torch.nn.SyncBatchNorm)
+    reference = torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with distributed.local_batchnorm(synced):
+        assert "forward" in vars(layer)
+        out = synced(x)
+        # second derivatives flow through it (the Hessian δ needs them)
+        (grad,) = torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+        assert grad.sum().requires_grad
+    assert "forward" not in vars(layer)
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
