@@ -61,11 +61,22 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", "2", str(TESTS / "ddp_worker.py")]
     command += ["train", str(path), "--then", "train", str(path), "--resume"]
-    done = subprocess.run(
-        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("[run] epoch 1/2") == 1 and "[run] epoch 2/2" in done.stdout
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as sink:
+        launched = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=sink)
+        try:
+            # the one-process run, while the two processes start
+            with toy_plugins():
+                runs = expand_runs(ddp_recipe(tmp_path / "single"), source="test", overrides=())
+                single = Trainer(runs[0].recipe, progress=False)
+                initial = {k: v.clone() for k, v in single.model.state_dict().items()}
+                single.run()
+            launched.wait(timeout=600)
+        finally:
+            launched.kill()
+    output = log.read_text()
+    assert launched.returncode == 0, output
+    assert output.count("[run] epoch 1/2") == 1 and "[run] epoch 2/2" in output
 
     ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # (a) the processes hold the same model, δ, quantizer state and metrics
@@ -82,11 +93,6 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     assert any(v > 0 for v in first["deltas"][-1]["deltas"].values())
 
     # (b) one process with the same global batch trains the same, up to float rounding
-    with toy_plugins():
-        runs = expand_runs(ddp_recipe(tmp_path / "single"), source="test", overrides=())
-        single = Trainer(runs[0].recipe)
-        initial = {k: v.clone() for k, v in single.model.state_dict().items()}
-        single.run()
     expected = single.model.state_dict()
     assert expected.keys() == first["model"].keys()
     for key, value in expected.items():
