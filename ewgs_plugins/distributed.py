@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -101,11 +100,7 @@ def setup(recipe: Recipe) -> torch.device:
         chosen = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if on_cuda else "gloo"
-        dist.init_process_group(
-            backend,
-            device_id=chosen if on_cuda else None,
-            timeout=datetime.timedelta(minutes=30),
-        )
+        dist.init_process_group(backend, device_id=chosen if on_cuda else None)
         atexit.register(cleanup)
     return chosen
 
@@ -185,11 +180,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     ``batch_sampler``).
 
     The global batches are consecutive runs of ``batch_size`` indices of a permutation
-    of ``range(length)`` drawn from ``seed`` (or of ``range(length)`` itself without
-    ``shuffle``): the same sequence for any ``world_size``. Rank ``r`` takes
-    ``share(batch, r, world_size)`` of each. A last, short global batch is kept when it
-    has at least one index per rank, and dropped otherwise (a process cannot train on
-    no data; with one process it is always kept).
+    of ``range(length)`` drawn from ``seed``: the same sequence for any ``world_size``.
+    Rank ``r`` takes ``share(batch, r, world_size)`` of each. A last, short global batch
+    is kept when it has at least one index per rank, and dropped otherwise (a process
+    cannot train on no data; with one process it is always kept).
     """
 
     def __init__(
@@ -200,7 +194,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
         *,
         rank: int = 0,
         world_size: int = 1,
-        shuffle: bool = True,
     ) -> None:
         if not 0 <= rank < world_size <= batch_size:
             raise ValueError(
@@ -208,15 +201,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
             )
         self.length, self.batch_size, self.seed = length, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.rank, self.world_size = rank, world_size
 
     def global_batches(self) -> list[list[int]]:
         """Every global batch of the epoch, in order."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            order = list(range(self.length))
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.length, generator=generator).tolist()
         batches = [order[i : i + self.batch_size] for i in range(0, self.length, self.batch_size)]
         if batches and len(batches[-1]) < self.world_size:
             batches.pop()
