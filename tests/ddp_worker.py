@@ -1,8 +1,8 @@
 """The ``ewgs`` command line with the test-only plugins (tests/toys.py) registered, for
 tests/test_distributed.py to start under torchrun; ``--then`` separates commands run one
-after the other in the same processes. With ``EWGS_TEST_AUDIT=DIR`` it also
-records every path this process opens for writing, renames or creates, in
-``DIR/writes-rank<RANK>.json``."""
+after the other in the same processes (their exit codes are printed). With
+``EWGS_TEST_AUDIT=DIR`` it also records every path this process opens for writing,
+renames or creates, in ``DIR/writes-rank<RANK>.json``."""
 
 from __future__ import annotations
 
@@ -51,7 +51,5 @@ if __name__ == "__main__":
         else:
             commands[-1].append(arg)
     with toy_plugins():
-        for command in commands:
-            code = cli.main(command)
-            if code:
-                sys.exit(code)
+        codes = [cli.main(command) for command in commands]
+    print(f"rank {os.environ.get('RANK', '0')} exit codes: {codes}", flush=True)

@@ -61,6 +61,9 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", "2", str(TESTS / "ddp_worker.py")]
     command += ["train", str(path), "--then", "train", str(path), "--resume"]
+    # then a run whose loss is NaN on rank 1 only: both processes stop, with the error
+    nan = ddp_recipe(tmp_path / "nan", epochs=1, callbacks={"nan_loss": {"epoch": 0, "rank": 1}})
+    command += ["--then", "train", str(write_recipe(tmp_path / "nan.yaml", nan))]
     log = tmp_path / "torchrun.log"
     with log.open("w") as sink:
         launched = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=sink)
@@ -76,7 +79,10 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
             launched.kill()
     output = log.read_text()
     assert launched.returncode == 0, output
+    for rank in (0, 1):
+        assert f"rank {rank} exit codes: [0, 0, 2]" in output, output
     assert output.count("[run] epoch 1/2") == 1 and "[run] epoch 2/2" in output
+    assert output.count("the training loss is nan at epoch 0 (step 0)") == 2
 
     ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # (a) the processes hold the same model, δ, quantizer state and metrics

@@ -113,13 +113,18 @@ class StopAfter:
 
 
 class NanLoss:
-    """Adds a NaN to the loss from epoch ``epoch`` on."""
+    """Adds a NaN to the loss from epoch ``epoch`` on (under torchrun: on rank ``rank``
+    only, if given)."""
 
-    def __init__(self, epoch: int = 1) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int = 1, rank: int | None = None) -> None:
+        self.epoch, self.rank = epoch, rank
 
     @hookimpl
     def ewgs_extra_loss(self, trainer: Any, inputs: Any, outputs: Any, targets: Any) -> Any:
+        from ewgs_plugins import distributed
+
+        if self.rank is not None and distributed.rank() != self.rank:
+            return None
         return torch.tensor(float("nan")) if trainer.epoch >= self.epoch else None
 
 
