@@ -16,6 +16,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -49,7 +50,9 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 #: recipe keys that may differ on resume (where and how fast, not what, is trained)
-RESUME_MAY_CHANGE = ("device", "data.workers", "data.root", "output")
+RESUME_MAY_CHANGE = ("device", "data.workers", "data.root", "output", "compile", "channels_last")
+#: ``amp`` of a recipe -> the autocast dtype
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -235,6 +238,11 @@ class Trainer:
         #: what the training step calls: the model itself, or a wrapper of it (compiled,
         #: DistributedDataParallel); callbacks read and change ``model``
         self.forward_model: nn.Module = self.model
+        if recipe.compile:
+            self._compile_forward_model()
+        #: mixed precision (``amp``): the autocast dtype, or None; fp16 scales the loss
+        self.amp_dtype = AMP_DTYPES[recipe.amp] if recipe.amp is not None else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.amp == "fp16")
 
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, LRSchedule] = {}
@@ -271,6 +279,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
 
+    def _compile_forward_model(self) -> None:
+        """``compile: true``: the training step calls ``torch.compile`` of the model (the
+        same modules and parameters; ``model`` stays the plain one, which evaluation, the
+        δ estimate and callbacks use)."""
+        self.forward_model = torch.compile(self.forward_model)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The recipe's mixed precision (``amp``) on the training device; nothing if null."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _build_model(self) -> nn.Module:
         """The model, quantized, with its full-precision weights loaded (after the
         conversion, so a file from a run of this trainer at 32 bits loads too; the
@@ -295,6 +315,8 @@ class Trainer:
                 raise
             except Exception as error:  # a user's file: any failure is bad input
                 raise ConfigError("model.weights", f"{type(error).__name__}: {error}") from None
+        if recipe.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
 
     def _initial_groups(self) -> dict[str, list[list[str]]]:
@@ -356,10 +378,10 @@ class Trainer:
     def _to_device(self, batch: Any) -> tuple[Tensor, Tensor]:
         inputs, targets = batch
         non_blocking = self.device.type == "cuda"
-        return (
-            inputs.to(self.device, non_blocking=non_blocking),
-            targets.to(self.device, non_blocking=non_blocking),
-        )
+        inputs = inputs.to(self.device, non_blocking=non_blocking)
+        if self.recipe.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets.to(self.device, non_blocking=non_blocking)
 
     def train_loader(self, epoch: int) -> DataLoader:
         """The training loader of ``epoch``: its shuffling comes from (seed, epoch)."""
@@ -411,7 +433,8 @@ class Trainer:
         try:
             for batch in loader:
                 inputs, targets = self._to_device(batch)
-                outputs = model(inputs)
+                with self._autocast():
+                    outputs = model(inputs).float()
                 loss_sum += float(F.cross_entropy(outputs, targets, reduction="sum"))
                 correct += int((outputs.argmax(1) == targets).sum())
                 count += len(targets)
@@ -565,21 +588,28 @@ class Trainer:
     def _train_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float]:
         """One optimizer step on a batch: forward through ``forward_model``, the task
         loss plus every callback's extra term, backward, every optimizer steps. Returns
-        the task loss, the outputs and the total loss as a float."""
-        outputs = self.forward_model(inputs)
-        loss = self.criterion(outputs, targets)
-        extra = self.hooks.ewgs_extra_loss(
-            trainer=self, inputs=inputs, outputs=outputs, targets=targets
-        )
-        total = loss + sum(extra) if extra else loss
+        the task loss, the outputs and the total loss as a float.
+
+        Under ``amp`` the forward and the losses run in autocast (the outputs are cast to
+        float32 for the loss); with fp16 the loss is scaled once for the backward, each
+        optimizer steps through the scaler (it skips a step whose gradients overflowed),
+        and the scale is updated once."""
+        with self._autocast():
+            outputs = self.forward_model(inputs).float()
+            loss = self.criterion(outputs, targets)
+            extra = self.hooks.ewgs_extra_loss(
+                trainer=self, inputs=inputs, outputs=outputs, targets=targets
+            )
+            total = loss + sum(extra) if extra else loss
         value = float(total.detach())
         if not math.isfinite(value):
             self._non_finite(value)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         for optimizer in self.optimizers.values():
-            optimizer.step()
+            self.scaler.step(optimizer)
+        self.scaler.update()
         return loss, outputs, value
 
     def _non_finite(self, value: float) -> None:
@@ -632,6 +662,7 @@ class Trainer:
             "param_groups": self._group_layout(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "grad_scaler": self.scaler.state_dict(),
             "callbacks": {
                 name: callback.state_dict()  # type: ignore[attr-defined]
                 for name, callback in self.callbacks.items()
@@ -664,6 +695,8 @@ class Trainer:
         for kind, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][kind])
             self.schedulers[kind].load_state_dict(state["schedulers"][kind])
+        if state.get("grad_scaler"):  # fp16 runs (empty when the scaler is off)
+            self.scaler.load_state_dict(state["grad_scaler"])
         for name, callback in self.callbacks.items():
             if hasattr(callback, "load_state_dict") and name in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][name])  # type: ignore[attr-defined]
