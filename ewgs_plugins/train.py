@@ -187,6 +187,8 @@ class Trainer:
     - ``metrics``: the current epoch's row (``log`` adds to it); ``history``: the rows of
       finished epochs; ``best``: the row with the best test top-1 so far
     - ``criterion``: the task loss ``(outputs, targets) -> Tensor``
+    - ``amp_dtype`` (the autocast dtype of ``amp``, or None) and ``scaler`` (a
+      ``torch.amp.GradScaler``, enabled for ``amp: fp16``; checkpointed)
 
     and its methods: ``log``, ``loss_fn``, ``sample_batches``, ``evaluate``,
     ``quantizers``, ``set_bits``, ``set_lr_scale``, ``request_stop``.
