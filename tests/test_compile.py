@@ -117,3 +117,32 @@ def test_compiled_model_matches_eager_outputs_and_gradients():
     assert not torch.allclose(changed["input.grad"], eager["input.grad"], rtol=1e-6)
     assert_close(changed, outputs_and_gradients(model, compiled, x))
     assert counter.frame_count == compiles
+
+
+def test_compiled_model_under_autocast_is_one_graph_with_float32_round_sites():
+    # The quantizers turn autocast off around their bodies (float32 round sites); the
+    # compiled graph must keep those regions and stay one graph. With the aot_eager
+    # backend (the same graph run by eager kernels) the results are bit for bit eager's.
+    # Inductor's own bf16 kernels round intermediates differently from eager, which
+    # moves a few elements across rounding boundaries: not a comparison to make exactly.
+    model = converted_model("ewgs", DELTA).float()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def under_autocast(forward):
+        def autocast_forward(inputs: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return forward(inputs)
+
+        return outputs_and_gradients(model, autocast_forward, x)
+
+    eager = under_autocast(model)
+    assert eager["output"].dtype == torch.bfloat16
+    got = under_autocast(compiled)
+    assert eager.keys() == got.keys()
+    for name, expected in eager.items():
+        assert torch.equal(expected, got[name]), name
+    (graph,) = [graph for graph in counter.graphs if len(graph.graph.nodes) > 2]
+    code = graph.code
+    assert code.count("_enter_autocast(") == len(round_sites(model)), code  # one per quantizer
