@@ -20,6 +20,8 @@ from .round_site import RoundSite, round_sites
 
 FULL_PRECISION = 32
 VALID_BITS = (*range(1, 9), FULL_PRECISION)
+#: dtypes a quantizer never computes in (it upcasts to float32)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -58,7 +60,16 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quantize(x) if self.enabled else x
+        """``quantize(x)``, computed in float32 when ``x`` is float16/bfloat16 or autocast
+        (mixed precision) is on: the latent, its round and the EWGS error would lose
+        their low bits in half precision (a bfloat16 latent of 100 has a spacing of 0.5,
+        half a level). The result has ``x``'s dtype: the float32 levels, cast once."""
+        if not self.enabled:
+            return x
+        if x.dtype in _HALF or torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.quantize(x.float()).to(x.dtype)
+        return self.quantize(x)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

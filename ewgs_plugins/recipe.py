@@ -299,6 +299,13 @@ class Recipe(Section):
     #: training callbacks by name -> options (or null), added to the method's default
     #: callbacks; false turns one of those defaults off
     callbacks: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
+    #: train through torch.compile(model) (speed only; the first steps compile)
+    compile: bool = False
+    #: mixed precision (autocast): null (float32), bf16, or fp16 (with a GradScaler);
+    #: the quantizers compute in float32 either way
+    amp: Literal["bf16", "fp16"] | None = None
+    #: channels_last memory format for the model and its 4-D inputs (speed only)
+    channels_last: bool = False
     # Later keys (compile, amp, channels_last, sync_bn) are one line each here.
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

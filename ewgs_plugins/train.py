@@ -20,6 +20,7 @@ the same for any number of processes, and rank 0 alone writes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -60,7 +61,11 @@ RESUME_MAY_CHANGE = (
     "data.root",
     "output",
     "distributed.find_unused_parameters",
+    "compile",
+    "channels_last",
 )
+#: ``amp`` of a recipe -> the autocast dtype
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -195,6 +200,8 @@ class Trainer:
     - ``metrics``: the current epoch's row (``log`` adds to it); ``history``: the rows of
       finished epochs; ``best``: the row with the best test top-1 so far
     - ``criterion``: the task loss ``(outputs, targets) -> Tensor``
+    - ``amp_dtype`` (the autocast dtype of ``amp``, or None) and ``scaler`` (a
+      ``torch.amp.GradScaler``, enabled for ``amp: fp16``; checkpointed)
 
     and its methods: ``log``, ``loss_fn``, ``sample_batches``, ``evaluate``,
     ``quantizers``, ``set_bits``, ``set_lr_scale``, ``request_stop``.
@@ -248,6 +255,9 @@ class Trainer:
         #: what the training step calls: the model itself, or a wrapper of it (compiled,
         #: DistributedDataParallel); callbacks read and change ``model``
         self.forward_model: nn.Module = self.model
+        #: mixed precision (``amp``): the autocast dtype, or None; fp16 scales the loss
+        self.amp_dtype = AMP_DTYPES[recipe.amp] if recipe.amp is not None else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.amp == "fp16")
 
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, LRSchedule] = {}
@@ -290,8 +300,22 @@ class Trainer:
                 find_unused_parameters=recipe.distributed.find_unused_parameters,
             )
             self.model, self.forward_model = self._ddp.model, self._ddp.module
+        if recipe.compile:  # after the DDP wrap: torch documents compile(DDP(model))
+            self._compile_forward_model()
 
     # ------------------------------------------------------------------ building
+
+    def _compile_forward_model(self) -> None:
+        """``compile: true``: the training step calls ``torch.compile`` of the model (the
+        same modules and parameters; ``model`` stays the plain one, which evaluation, the
+        δ estimate and callbacks use)."""
+        self.forward_model = torch.compile(self.forward_model)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The recipe's mixed precision (``amp``) on the training device; nothing if null."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _build_model(self) -> nn.Module:
         """The model, quantized, with its full-precision weights loaded (after the
@@ -317,6 +341,8 @@ class Trainer:
                 raise
             except Exception as error:  # a user's file: any failure is bad input
                 raise ConfigError("model.weights", f"{type(error).__name__}: {error}") from None
+        if recipe.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
 
     def _initial_groups(self) -> dict[str, list[list[str]]]:
@@ -378,10 +404,10 @@ class Trainer:
     def _to_device(self, batch: Any) -> tuple[Tensor, Tensor]:
         inputs, targets = batch
         non_blocking = self.device.type == "cuda"
-        return (
-            inputs.to(self.device, non_blocking=non_blocking),
-            targets.to(self.device, non_blocking=non_blocking),
-        )
+        inputs = inputs.to(self.device, non_blocking=non_blocking)
+        if self.recipe.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets.to(self.device, non_blocking=non_blocking)
 
     def train_sampler(self, epoch: int) -> distributed.GlobalBatchSampler:
         """This process's share of each global batch of ``epoch``; the global batches
@@ -446,7 +472,8 @@ class Trainer:
         try:
             for batch in loader:
                 inputs, targets = self._to_device(batch)
-                outputs = model(inputs)
+                with self._autocast():
+                    outputs = model(inputs).float()
                 loss_sum += float(F.cross_entropy(outputs, targets, reduction="sum"))
                 correct += int((outputs.argmax(1) == targets).sum())
                 count += len(targets)
@@ -608,21 +635,28 @@ class Trainer:
     def _train_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float]:
         """One optimizer step on a batch: forward through ``forward_model``, the task
         loss plus every callback's extra term, backward, every optimizer steps. Returns
-        the task loss, the outputs and the total loss as a float."""
-        outputs = self.forward_model(inputs)
-        loss = self.criterion(outputs, targets)
-        extra = self.hooks.ewgs_extra_loss(
-            trainer=self, inputs=inputs, outputs=outputs, targets=targets
-        )
-        total = loss + sum(extra) if extra else loss
+        the task loss, the outputs and the total loss as a float.
+
+        Under ``amp`` the forward and the losses run in autocast (the outputs are cast to
+        float32 for the loss); with fp16 the loss is scaled once for the backward, each
+        optimizer steps through the scaler (it skips a step whose gradients overflowed),
+        and the scale is updated once."""
+        with self._autocast():
+            outputs = self.forward_model(inputs).float()
+            loss = self.criterion(outputs, targets)
+            extra = self.hooks.ewgs_extra_loss(
+                trainer=self, inputs=inputs, outputs=outputs, targets=targets
+            )
+            total = loss + sum(extra) if extra else loss
         value = self._ddp.step_value(total, len(targets)) if self._ddp else float(total.detach())
         if not math.isfinite(value):
             self._non_finite(value)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         for optimizer in self.optimizers.values():
-            optimizer.step()
+            self.scaler.step(optimizer)
+        self.scaler.update()
         return loss, outputs, value
 
     def _non_finite(self, value: float) -> None:
@@ -675,6 +709,7 @@ class Trainer:
             "param_groups": self._group_layout(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "grad_scaler": self.scaler.state_dict(),
             "callbacks": {
                 name: callback.state_dict()  # type: ignore[attr-defined]
                 for name, callback in self.callbacks.items()
@@ -707,6 +742,8 @@ class Trainer:
         for kind, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][kind])
             self.schedulers[kind].load_state_dict(state["schedulers"][kind])
+        if state.get("grad_scaler"):  # fp16 runs (empty when the scaler is off)
+            self.scaler.load_state_dict(state["grad_scaler"])
         for name, callback in self.callbacks.items():
             if hasattr(callback, "load_state_dict") and name in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][name])  # type: ignore[attr-defined]
