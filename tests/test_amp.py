@@ -251,7 +251,10 @@ def test_compile_trains_through_the_compiled_model(tmp_path):
     assert compiled.history[0]["train_loss"] == pytest.approx(
         eager.history[0]["train_loss"], rel=1e-3
     )
-    assert compiled.history[0]["test_top1"] == pytest.approx(eager.history[0]["test_top1"], abs=1.0)
+    # top-1 near chance after one epoch flips with float noise: compare the test loss
+    assert compiled.history[0]["test_loss"] == pytest.approx(
+        eager.history[0]["test_loss"], rel=1e-2
+    )
 
 
 def set_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
