@@ -126,6 +126,9 @@ class Distill:
         for key in ("model", "weights"):
             if not isinstance(teacher.get(key), str):
                 raise ConfigError(f"teacher.{key}", f"expected a string, got {teacher.get(key)!r}")
+        from .registry import registry
+
+        registry().get("model", teacher["model"], "teacher.model")
         options = teacher.get("options") or {}
         if not isinstance(options, Mapping):
             raise ConfigError("teacher.options", f"expected a mapping, got {options!r}")
@@ -139,9 +142,6 @@ class Distill:
             raise ConfigError("temperature", f"expected a number > 0, got {temperature}")
         if not weight >= 0:
             raise ConfigError("weight", f"expected a number >= 0, got {weight}")
-        from .registry import registry
-
-        registry().get("model", teacher["model"], "teacher.model")
         self.model_name: str = teacher["model"]
         self.model_options = dict(options)
         self.weights: str = teacher["weights"]
