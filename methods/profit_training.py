@@ -264,10 +264,9 @@ class ProfitTraining:
         if phase.kind == "stage":
             if self.ranking is None:
                 self.ranking = self._rank(model)
+                self.tracker.previous = {}  # sampling is over: no need to keep (or save) them
             frozen = frozen_layers(self.ranking, phase.freeze)
             self.frozen[phase.name] = frozen
-        elif phase.kind == "stabilize" and self.ranking is not None:
-            frozen = frozen_layers(self.ranking, self.freeze[-1])
         weights = layer_weights(model)
         if phase.kind == "stabilize":
             chosen = set(weights)
