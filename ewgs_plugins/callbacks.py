@@ -5,7 +5,14 @@ run's own plugin manager. Plugins contribute named ones through ``ewgs_callbacks
 
 A callback with state to checkpoint defines ``state_dict()`` and
 ``load_state_dict(state)``; the state must be made of tensors and plain Python values
-(checkpoints are loaded with ``weights_only=True``).
+(checkpoints are loaded with ``weights_only=True``). A callback whose options must agree
+with the rest of the recipe (a schedule that has to fill ``epochs``, say) defines
+``check_recipe(recipe)``, raising ``ConfigError`` with the full key path; recipe
+validation calls it.
+
+Generic QAT tools registered here (any method): ``distill`` (knowledge distillation from
+a full-precision teacher) and ``ema`` (an exponential moving average of the model,
+evaluated every epoch); see ``ewgs_plugins.qat_callbacks``.
 """
 
 from __future__ import annotations
@@ -126,4 +133,6 @@ class DeltaSchedule:
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    return {}
+    from .qat_callbacks import Distill, WeightEMA
+
+    return {"distill": Distill, "ema": WeightEMA}

@@ -67,8 +67,11 @@ class LifecycleSpec:
         """Before the first step of ``epoch`` (0-based)."""
 
     @hookspec
-    def ewgs_step_end(self, trainer: Any, step: int, loss: float) -> None:
-        """After the optimizer step number ``step`` (global, 0-based)."""
+    def ewgs_step_end(
+        self, trainer: Any, step: int, loss: float, inputs: Any, targets: Any
+    ) -> None:
+        """After the optimizer step number ``step`` (global, 0-based) on the batch
+        ``inputs``/``targets`` (an implementation may take only some of these arguments)."""
 
     @hookspec
     def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:

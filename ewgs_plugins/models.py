@@ -6,7 +6,7 @@
   public full-precision checkpoints load. ``bn_before_linear`` adds the
   ``BatchNorm1d(64)`` (named ``bn2``) that the EWGS paper's code puts before the linear
   layer; off by default.
-- ``resnet18``, ``resnet34``, ``mobilenet_v2``: torchvision's, without weights (load
+- ``resnet18``, ``resnet34``, ``resnet101``, ``mobilenet_v2``: torchvision's, without weights (load
   them with ``load_full_precision``). Their downsample 1×1 convs are plain
   ``nn.Conv2d`` and get quantized by ``quantize_model`` like every other conv.
 - ``digits_cnn``: a small CNN for scikit-learn's 1×8×8 digits (the offline demo).
@@ -119,6 +119,12 @@ def resnet34(num_classes: int = 1000) -> nn.Module:
     return torchvision.models.resnet34(weights=None, num_classes=num_classes)
 
 
+def resnet101(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-101, no weights (PROFIT's distillation teacher)."""
+    _check_classes(num_classes)
+    return torchvision.models.resnet101(weights=None, num_classes=num_classes)
+
+
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> nn.Module:
     """torchvision's MobileNet-V2, no weights."""
     _check_classes(num_classes)
@@ -162,6 +168,7 @@ def ewgs_models() -> Mapping[str, Callable[..., Any]]:
         "resnet20": resnet20,
         "resnet18": resnet18,
         "resnet34": resnet34,
+        "resnet101": resnet101,
         "mobilenet_v2": mobilenet_v2,
         "digits_cnn": digits_cnn,
     }

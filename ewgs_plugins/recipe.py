@@ -670,7 +670,9 @@ def validate(recipe: Recipe) -> None:
     recipe.make_backward()
     recipe.make_delta()
     for name, options in recipe.callback_options(method).items():
-        recipe.make_callback(name, options)
+        callback = recipe.make_callback(name, options)
+        if hasattr(callback, "check_recipe"):  # checks against the rest of the recipe
+            callback.check_recipe(recipe)
     spec = recipe.make_dataset()
     spec.check(recipe.data.root)
     with torch.device("meta"):

@@ -621,7 +621,9 @@ class Trainer:
                 if bar is not None:
                     bar.update()
                     bar.set_postfix(loss=f"{value:.4f}")
-                self.hooks.ewgs_step_end(trainer=self, step=self.step - 1, loss=value)
+                self.hooks.ewgs_step_end(
+                    trainer=self, step=self.step - 1, loss=value, inputs=inputs, targets=targets
+                )
         finally:
             if bar is not None:
                 bar.close()

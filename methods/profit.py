@@ -123,6 +123,14 @@ def ewgs_methods() -> Mapping[str, Callable[..., Any]]:
     return {"profit": ProfitMethod}
 
 
+@hookimpl
+def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
+    """PROFIT's training strategy, the callback ``profit`` (``methods.profit_training``)."""
+    from .profit_training import ProfitTraining
+
+    return {"profit": ProfitTraining}
+
+
 # ------------------------------------------------------------------------------- AIWQ
 
 #: Added to both variances so that a channel that is constant under both weights has KL 0.

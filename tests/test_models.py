@@ -22,7 +22,7 @@ from ewgs_plugins import (
 from ewgs_plugins.models import PadShortcut, digits_cnn, load_full_precision, resnet20
 
 METHODS = ["interval", "dorefa", "lsq", "profit"]
-MODELS = ["resnet20", "resnet18", "resnet34", "mobilenet_v2", "digits_cnn"]
+MODELS = ["resnet20", "resnet18", "resnet34", "resnet101", "mobilenet_v2", "digits_cnn"]
 
 
 def plain_layers(model: nn.Module) -> list[str]:

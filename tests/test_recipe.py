@@ -134,8 +134,8 @@ CASES = {
         "data.name: unknown dataset 'mnist'; known: cifar10, digits, imagenet",
     ),
     "unknown callback": (
-        set_("callbacks", {"ema": None}),
-        "callbacks.ema: unknown training callback 'ema'",
+        set_("callbacks", {"swa": None}),
+        "callbacks.swa: unknown training callback 'swa'",
     ),
     "reserved callback": (set_("callbacks", {"delta": None}), "callbacks.delta: the δ schedule"),
     "callback options": (

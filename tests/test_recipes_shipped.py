@@ -20,10 +20,9 @@ from ewgs_plugins.report import find_runs
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 #: runs per recipe: methods × backward rules (× bit-widths, × seeds)
-RUNS = {"digits": 24, "resnet20_fp": 1, "resnet18": 32, "resnet34": 32}
-#: PROFIT's training strategy (the callback ``profit``) comes in a later issue; until it is
-#: registered, recipes that train PROFIT are checked with it turned off
-PROFIT_OFF = [] if "profit" in registry().names("callback") else ["callbacks.profit=false"]
+RUNS = {"digits": 24, "resnet20_fp": 1, "resnet18": 32, "resnet34": 32, "digits_profit": 6}
+#: recipes of PROFIT's training strategy: PROFIT alone, under STE and EWGS
+PROFIT_RECIPES = {"mobilenet_v2_w4a4_profit": 2, "resnet20_w4a4_profit": 2, "digits_profit": 6}
 
 
 def local_files(path: Path, tmp_path: Path) -> list[str]:
@@ -38,11 +37,15 @@ def local_files(path: Path, tmp_path: Path) -> list[str]:
         write_image_folder(tmp_path / "imagenet", {"n01": 2, "n02": 2})
         overrides += [f"data.root={tmp_path / 'imagenet'}", "data.options.image_size=32"]
         overrides += ["data.options.resize=36"]
+    classes = 10 if raw["data"]["name"] == "cifar10" else 2
     if raw["model"].get("weights"):
-        classes = 10 if raw["data"]["name"] == "cifar10" else 2
         model = registry().create("model", raw["model"]["name"], {"num_classes": classes})
         torch.save(model.state_dict(), tmp_path / "fp.pth")
         overrides.append(f"model.weights={tmp_path / 'fp.pth'}")
+    teacher = raw.get("callbacks", {}).get("distill", {}).get("teacher")
+    if teacher:  # validation checks that the file is there; training reads it (see below)
+        torch.save({}, tmp_path / "teacher.pth")
+        overrides.append(f"callbacks.distill.teacher.weights={tmp_path / 'teacher.pth'}")
     return overrides + [f"output={tmp_path / 'runs'}", "data.workers=0"]
 
 
@@ -50,11 +53,17 @@ def local_files(path: Path, tmp_path: Path) -> list[str]:
 def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path):
     text = path.read_text()
     if path.parent.name != "demo":
-        assert re.search(r"# Reproduces: the paper's (CIFAR-10|ImageNet) ", text)
-    runs = load_runs(path, local_files(path, tmp_path) + PROFIT_OFF)
-    assert len(runs) == RUNS.get(path.stem, 8)
-    if path.stem != "resnet20_fp":
+        assert re.search(
+            r"# Reproduces: (the paper's (CIFAR-10|ImageNet) |no published result)", text
+        )
+    runs = load_runs(path, local_files(path, tmp_path))
+    assert len(runs) == PROFIT_RECIPES.get(path.stem, RUNS.get(path.stem, 8))
+    if path.stem in PROFIT_RECIPES:
+        assert {r.recipe.method.name for r in runs} == {"profit"}
+        assert all("profit" in r.recipe.callbacks for r in runs)
+    elif path.stem != "resnet20_fp":
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa", "lsq", "profit"}
+    if path.stem != "resnet20_fp":
         assert {r.recipe.backward for r in runs} == {"ste", "ewgs"}
 
 
@@ -93,17 +102,32 @@ def test_the_cifar10_recipes_train_from_the_full_precision_recipes_checkpoint(tm
     (fp,) = load_runs(fp_path, [*data, *small, f"output={tmp_path / 'fp'}"])
     Trainer(fp.recipe).run()
     checkpoint = tmp_path / "fp" / "checkpoint_last.pt"
-    for method in ("interval", "profit"):  # PROFIT quantizes the first and last layers too
-        path = ROOT / "recipes" / "cifar10" / "resnet20_w2a2.yaml"
-        overrides = [*data, *small, *PROFIT_OFF, "matrix=null", f"method.name={method}"]
-        overrides += [f"model.weights={checkpoint}", f"output={tmp_path / method}"]
-        overrides += ["delta.options.every=1", "delta.options.samples=2"]
+    hessian = ["delta.options.every=1", "delta.options.samples=2"]
+    # PROFIT quantizes the first and last layers too; its strategy with a short schedule
+    short = "callbacks.profit={sample_epochs: 1, stage_epochs: [1, 1], freeze: [0, 1/2]}"
+    profit = ["epochs=3", short, f"callbacks.distill.teacher.weights={checkpoint}"]
+    for name, method, more in (
+        ("resnet20_w2a2", "interval", hessian),
+        (
+            "resnet20_w2a2",
+            "profit",
+            [*hessian, "epochs=2", "callbacks.profit={sample_epochs: 1, freeze: [1/3]}"],
+        ),
+        ("resnet20_w4a4_profit", "profit", profit),  # the teacher: the full-precision run
+    ):
+        path = ROOT / "recipes" / "cifar10" / f"{name}.yaml"
+        overrides = [*data, *small, "matrix=null", f"method.name={method}", *more]
+        overrides += [f"model.weights={checkpoint}", f"output={tmp_path / name / method}"]
         (run,) = load_runs(path, overrides)
         trainer = Trainer(run.recipe)
         state = torch.load(checkpoint, weights_only=True)["model"]
         assert torch.equal(trainer.model.state_dict()["conv1.weight"], state["conv1.weight"])
         trainer.run()
         assert trainer.finished and math.isfinite(trainer.history[-1]["train_loss"])
+        if method == "profit":  # 19 quantized convs: ⌊19/2⌋ and ⌊19/3⌋ weights frozen
+            last = (trainer.history[-1]["profit_phase"], trainer.history[-1]["profit_frozen"])
+            assert last == (("stage 2", 9) if name.endswith("profit") else ("stage 1", 6))
+    assert {"distill_loss", "ema_test_top1"} <= set(trainer.history[-1])
 
 
 def test_an_imagenet_recipe_trains_from_torchvision_style_weights(tmp_path):
@@ -138,5 +162,5 @@ def test_the_readme_recipe_example_is_a_valid_recipe(tmp_path):
     raw["data"] = {"name": "digits"}
     raw["model"] = {"name": "digits_cnn"}
     raw["output"] = str(tmp_path)
-    runs = expand_runs(raw, source="README.md", overrides=PROFIT_OFF)
+    runs = expand_runs(raw, source="README.md")
     assert len(runs) == 4 * 2 * 3
