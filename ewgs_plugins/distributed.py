@@ -24,7 +24,7 @@ import atexit
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -134,6 +135,15 @@ def broadcast_values(values: Mapping[str, float]) -> dict[str, float]:
     tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=_comm_device())
     dist.broadcast(tensor, src=0)
     return dict(zip(names, tensor.cpu().tolist()))
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object), on every rank; ``value`` outside DDP."""
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from typing import Any
 
 from torch import nn
 
+from ewgs_plugins import distributed
 from ewgs_plugins.callbacks import write_atomic
 from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.hookspecs import hookimpl
@@ -292,13 +293,7 @@ class ProfitTraining:
         """The AIWQ ranking, most unstable first; under DDP, rank 0's (PROFIT measures
         on the first GPU only), so that every rank freezes the same layers."""
         ranking = self.tracker.ranking() if self.tracker.averages else list(quantized_convs(model))
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            shared = [ranking]
-            dist.broadcast_object_list(shared, src=0)
-            ranking = shared[0]
-        return ranking
+        return distributed.broadcast_object(ranking)
 
     @staticmethod
     def _freeze(trainer: Any, weights: Mapping[str, nn.Parameter], chosen: set[str]) -> None:
