@@ -47,6 +47,7 @@ class RoundContext:
         return (self.latent - torch.round(self.latent)) / self.steps
 
 
+@torch.compiler.assume_constant_result  # a pure function of constants: no graph break
 @functools.lru_cache(maxsize=256)
 def _open_bounds(low: float, high: float, dtype: torch.dtype) -> tuple[float, float]:
     """The neighbours of ``low`` (below) and ``high`` (above) in ``dtype``."""
