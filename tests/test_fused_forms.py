@@ -178,9 +178,7 @@ def test_output_scale_folded_into_the_weight_is_the_scaled_output():
     layer.initialize_quantizers(x)
     layer.output_scale.data.fill_(-1.7)  # |α| is used
     out = layer(x)
-    expected = (
-        layer._conv_forward(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), None)
-        * 1.7
-        + layer.bias.view(1, -1, 1, 1)
-    )
+    expected = layer._conv_forward(
+        layer.input_quantizer(x), layer.weight_quantizer(layer.weight), None
+    ) * 1.7 + layer.bias.view(1, -1, 1, 1)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
