@@ -14,7 +14,6 @@ recomputes its discretization error from it and costs no activation memory over 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -47,13 +46,19 @@ class RoundContext:
         return (self.latent - torch.round(self.latent)) / self.steps
 
 
+_OPEN_BOUNDS: dict[tuple[float, float, torch.dtype], tuple[float, float]] = {}
+
+
 @torch.compiler.assume_constant_result  # a pure function of constants: no graph break
-@functools.lru_cache(maxsize=256)
 def _open_bounds(low: float, high: float, dtype: torch.dtype) -> tuple[float, float]:
-    """The neighbours of ``low`` (below) and ``high`` (above) in ``dtype``."""
-    below = torch.nextafter(torch.tensor(low, dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
-    above = torch.nextafter(torch.tensor(high, dtype=dtype), torch.tensor(math.inf, dtype=dtype))
-    return below.item(), above.item()
+    """The neighbours of ``low`` (below) and ``high`` (above) in ``dtype`` (memoised)."""
+    key = (low, high, dtype)
+    if key not in _OPEN_BOUNDS:
+        inf = torch.tensor(math.inf, dtype=dtype)
+        below = torch.nextafter(torch.tensor(low, dtype=dtype), -inf)
+        above = torch.nextafter(torch.tensor(high, dtype=dtype), inf)
+        _OPEN_BOUNDS[key] = (below.item(), above.item())
+    return _OPEN_BOUNDS[key]
 
 
 def _inside_bounds_gradient(grad: Tensor, latent: Tensor, low: float, high: float) -> Tensor:
