@@ -54,5 +54,7 @@ class ElementWiseGradientScaling(BackwardRule):
         # fused into one addcmul (four passes over the tensor instead of eight).
         latent = context.latent
         assert latent is not None  # needs_latent
+        # round(z) - z in place on the fresh round(z) (one buffer fewer), hence -scale.
+        negative_error = torch.round(latent).sub_(latent)
         scale = context.delta_value / context.steps
-        return torch.addcmul(grad, grad.abs(), latent - torch.round(latent), value=scale)
+        return torch.addcmul(grad, grad.abs(), negative_error, value=-scale)
