@@ -133,7 +133,9 @@ class RoundSite(nn.Module):
         if not value >= 0.0:  # also refuses NaN
             raise ValueError(f"δ must be >= 0, got {value}")
         self.delta.fill_(value)
-        self._delta_value = float(self.delta)  # as the buffer holds it (float32)
+        # The value as the buffer holds it (float32), computed on the CPU: the buffer may
+        # be on any device, ``meta`` included.
+        self._delta_value = float(torch.tensor(value, dtype=self.delta.dtype, device="cpu"))
 
     def set_rule(self, rule: BackwardRule) -> None:
         self.rule = rule
@@ -161,7 +163,8 @@ class RoundSite(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._delta_value = float(self.delta)
+        if not self.delta.is_meta:
+            self._delta_value = float(self.delta)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule.name}, delta={self._delta_value:.3g}"
