@@ -33,7 +33,7 @@ class RoundContext:
     delta: Tensor
     #: δ as a Python number (the same value as ``delta``), for rules that branch on it
     #: or pass it to a fused op without a device synchronisation.
-    delta_value: float = 0.0
+    delta_value: float
 
     def error(self) -> Tensor:
         """Discretization error ``x_n - x_q`` as a fraction of the range
