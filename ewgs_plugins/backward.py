@@ -48,6 +48,8 @@ class ElementWiseGradientScaling(BackwardRule):
     needs_latent = True
 
     def latent_gradient(self, grad: Tensor, context: RoundContext) -> Tensor:
+        if context.delta_value is None:  # under torch.compile, which fuses these ops
+            return grad * (1 + context.delta * torch.sign(grad) * context.error())
         if context.delta_value == 0.0:
             return grad  # STE exactly (δ starts at 0 under the Hessian schedule)
         # Eq. 4 rearranged: g·(1 + δ·sign(g)·e) = g + δ·|g|·e with e = (z - round(z))/steps,

@@ -32,8 +32,10 @@ class RoundContext:
     steps: int
     delta: Tensor
     #: δ as a Python number (the same value as ``delta``), for rules that branch on it
-    #: or pass it to a fused op without a device synchronisation.
-    delta_value: float
+    #: or pass it to a fused op without a device synchronisation; None under
+    #: ``torch.compile``, where a Python number would be specialised (one recompile per
+    #: δ) and rules use the tensor ``delta``.
+    delta_value: float | None
 
     def error(self) -> Tensor:
         """Discretization error ``x_n - x_q`` as a fraction of the range
@@ -84,7 +86,7 @@ class _RoundFunction(torch.autograd.Function):
         low: float | None,
         high: float | None,
         rule: BackwardRule,
-        delta_value: float,
+        delta_value: float | None,
     ) -> Tensor:
         if rule.needs_latent or low is not None:
             ctx.save_for_backward(latent, delta)
@@ -150,9 +152,9 @@ class RoundSite(nn.Module):
         if latent.dtype in (torch.float16, torch.bfloat16):
             latent = latent.float()  # the round site computes in float32 under AMP
         self.last_steps = steps
-        rounded = _RoundFunction.apply(
-            latent, self.delta, steps, low, high, self.rule, self._delta_value
-        )
+        # Compiled, δ reaches the backward as the tensor only (see RoundContext).
+        delta_value = None if torch.compiler.is_compiling() else self._delta_value
+        rounded = _RoundFunction.apply(latent, self.delta, steps, low, high, self.rule, delta_value)
         if self.capture is not None:
             if not rounded.requires_grad:
                 # Nothing upstream needs a gradient (a constant input): make the

@@ -184,3 +184,26 @@ def test_output_scale_folded_into_the_weight_is_the_scaled_output():
         layer.input_quantizer(x), layer.weight_quantizer(layer.weight), None
     ) * 1.7 + layer.bias.view(1, -1, 1, 1)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_under_torch_compile_a_new_delta_needs_no_recompile_and_is_used():
+    """δ reaches a compiled backward as the buffer, not as a Python number that dynamo
+    would specialise (one recompile per δ, then eager after the recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    site = RoundSite(ElementWiseGradientScaling(), 0.0)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return (site(x * 7, 7, 0.0, 7.0) * torch.linspace(-1, 1, x.numel())).sum()
+
+    compiled = torch.compile(loss, backend="eager")
+    x = torch.rand(40, generator=torch.Generator().manual_seed(0))
+    for delta in (0.0, 0.3, 1.0, 2.5, 0.0, 7.0):
+        site.set_delta(delta)
+        got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled(got).backward()
+        loss(want).backward()
+        assert torch.allclose(got.grad, want.grad, rtol=1e-6, atol=1e-7), delta
+    assert counters["stats"]["unique_graphs"] == 1
