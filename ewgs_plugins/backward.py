@@ -48,4 +48,15 @@ class ElementWiseGradientScaling(BackwardRule):
     needs_latent = True
 
     def latent_gradient(self, grad: Tensor, context: RoundContext) -> Tensor:
-        return grad * (1 + context.delta * torch.sign(grad) * context.error())
+        if context.delta_value is None:  # under torch.compile, which fuses these ops
+            return grad * (1 + context.delta * torch.sign(grad) * context.error())
+        if context.delta_value == 0.0:
+            return grad  # STE exactly (δ starts at 0 under the Hessian schedule)
+        # Eq. 4 rearranged: g·(1 + δ·sign(g)·e) = g + δ·|g|·e with e = (z - round(z))/steps,
+        # fused into one addcmul (four passes over the tensor instead of eight).
+        latent = context.latent
+        assert latent is not None  # needs_latent
+        # round(z) - z in place on the fresh round(z) (one buffer fewer), hence -scale.
+        negative_error = torch.round(latent).sub_(latent)
+        scale = context.delta_value / context.steps
+        return torch.addcmul(grad, grad.abs(), negative_error, value=-scale)

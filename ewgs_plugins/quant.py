@@ -138,9 +138,12 @@ class _QuantLayerMixin:
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:
             self.initialize_quantizers(x)
-        out = self._linear_op(self.input_quantizer(x), self.weight_quantizer(self.weight))
+        weight = self.weight_quantizer(self.weight)
         if self.output_scale is not None:
-            out = out * self.output_scale.abs()
+            # |α| · conv(x, w_q) = conv(x, |α| · w_q): scaling the (small) weight is the
+            # same product as scaling the (large) output, without a pass over the output.
+            weight = weight * self.output_scale.abs()
+        out = self._linear_op(self.input_quantizer(x), weight)
         if self.bias is not None:
             shape = (1, -1) + (1,) * (out.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
             out = out + self.bias.view(shape)

@@ -14,6 +14,7 @@ recomputes its discretization error from it and costs no activation memory over 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class RoundContext:
     latent: Tensor | None
     steps: int
     delta: Tensor
+    #: δ as a Python number (the same value as ``delta``), for rules that branch on it
+    #: or pass it to a fused op without a device synchronisation; None under
+    #: ``torch.compile``, where a Python number would be specialised (one recompile per
+    #: δ) and rules use the tensor ``delta``.
+    delta_value: float | None
 
     def error(self) -> Tensor:
         """Discretization error ``x_n - x_q`` as a fraction of the range
@@ -40,6 +46,32 @@ class RoundContext:
         if self.latent is None:
             raise RuntimeError("this backward rule did not ask for the latent (needs_latent)")
         return (self.latent - torch.round(self.latent)) / self.steps
+
+
+_OPEN_BOUNDS: dict[tuple[float, float, torch.dtype], tuple[float, float]] = {}
+
+
+@torch.compiler.assume_constant_result  # a pure function of constants: no graph break
+def _open_bounds(low: float, high: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The neighbours of ``low`` (below) and ``high`` (above) in ``dtype`` (memoised)."""
+    key = (low, high, dtype)
+    if key not in _OPEN_BOUNDS:
+        inf = torch.tensor(math.inf, dtype=dtype)
+        below = torch.nextafter(torch.tensor(low, dtype=dtype), -inf)
+        above = torch.nextafter(torch.tensor(high, dtype=dtype), inf)
+        _OPEN_BOUNDS[key] = (below.item(), above.item())
+    return _OPEN_BOUNDS[key]
+
+
+def _inside_bounds_gradient(grad: Tensor, latent: Tensor, low: float, high: float) -> Tensor:
+    """``grad`` where ``low <= latent <= high``, else 0: the clip's gradient, bounds
+    inside, in one fused differentiable op. ``hardtanh_backward`` keeps the gradient
+    strictly between its bounds, so it gets the neighbours of ``low``/``high`` in the
+    latent's dtype: ``latent > nextafter(low, -inf)`` is ``latent >= low`` exactly.
+    (A bool mask and ``torch.where`` take several passes and are ~20x slower on CPU.)
+    A NaN latent keeps its gradient (its forward value is NaN anyway)."""
+    below, above = _open_bounds(low, high, latent.dtype)
+    return torch.ops.aten.hardtanh_backward(grad, latent, below, above)
 
 
 class _RoundFunction(torch.autograd.Function):
@@ -54,24 +86,28 @@ class _RoundFunction(torch.autograd.Function):
         low: float | None,
         high: float | None,
         rule: BackwardRule,
+        delta_value: float | None,
     ) -> Tensor:
-        clipped = latent if low is None else torch.clamp(latent, low, high)
         if rule.needs_latent or low is not None:
             ctx.save_for_backward(latent, delta)
         else:
             ctx.save_for_backward(delta)
         ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
-        return torch.round(clipped)
+        ctx.delta_value = delta_value
+        if low is None:
+            return torch.round(latent)
+        # round(clamp(z)); rounding the fresh clamped tensor in place saves a buffer.
+        return torch.clamp(latent, low, high).round_()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         saved = ctx.saved_tensors
         latent, delta = (saved[0], saved[1]) if len(saved) == 2 else (None, saved[0])
-        grad_latent = ctx.rule.latent_gradient(grad, RoundContext(latent, ctx.steps, delta))
+        context = RoundContext(latent, ctx.steps, delta, ctx.delta_value)
+        grad_latent = ctx.rule.latent_gradient(grad, context)
         if ctx.low is not None:
-            inside = (latent >= ctx.low) & (latent <= ctx.high)
-            grad_latent = torch.where(inside, grad_latent, torch.zeros_like(grad_latent))
-        return grad_latent, None, None, None, None, None
+            grad_latent = _inside_bounds_gradient(grad_latent, latent, ctx.low, ctx.high)
+        return grad_latent, None, None, None, None, None, None
 
 
 class RoundSite(nn.Module):
@@ -87,6 +123,9 @@ class RoundSite(nn.Module):
         super().__init__()
         self.rule: BackwardRule = rule if rule is not None else StraightThrough()
         self.register_buffer("delta", torch.tensor(0.0))
+        #: Python mirror of the ``delta`` buffer (the backward reads it without a device
+        #: synchronisation); ``set_delta`` and ``load_state_dict`` keep the two equal.
+        self._delta_value = 0.0
         self.set_delta(delta)
         self.capture: list[tuple[Tensor, int]] | None = None
         self.last_steps: int | None = None
@@ -96,6 +135,9 @@ class RoundSite(nn.Module):
         if not value >= 0.0:  # also refuses NaN
             raise ValueError(f"δ must be >= 0, got {value}")
         self.delta.fill_(value)
+        # The value as the buffer holds it (float32), computed on the CPU: the buffer may
+        # be on any device, ``meta`` included.
+        self._delta_value = float(torch.tensor(value, dtype=self.delta.dtype, device="cpu"))
 
     def set_rule(self, rule: BackwardRule) -> None:
         self.rule = rule
@@ -110,7 +152,9 @@ class RoundSite(nn.Module):
         if latent.dtype in (torch.float16, torch.bfloat16):
             latent = latent.float()  # the round site computes in float32 under AMP
         self.last_steps = steps
-        rounded = _RoundFunction.apply(latent, self.delta, steps, low, high, self.rule)
+        # Compiled, δ reaches the backward as the tensor only (see RoundContext).
+        delta_value = None if torch.compiler.is_compiling() else self._delta_value
+        rounded = _RoundFunction.apply(latent, self.delta, steps, low, high, self.rule, delta_value)
         if self.capture is not None:
             if not rounded.requires_grad:
                 # Nothing upstream needs a gradient (a constant input): make the
@@ -119,8 +163,13 @@ class RoundSite(nn.Module):
             self.capture.append((rounded, steps))
         return rounded
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.delta.is_meta:
+            self._delta_value = float(self.delta)
+
     def extra_repr(self) -> str:
-        return f"rule={self.rule.name}, delta={self.delta.item():.3g}"
+        return f"rule={self.rule.name}, delta={self._delta_value:.3g}"
 
 
 def site_name(module_name: str) -> str:

@@ -85,9 +85,13 @@ class LsqQuantizer(SignFromFirstBatch):
         step = self.step
         if self.grad_scale:
             step = scale_gradient(step, 1.0 / math.sqrt(self.gradient_count(x) * q_p))
-        offset = 0.5 if self.binary else 0.0  # the binary grid sits half a step off zero
-        levels = self.round_site(x / step + offset, q_n + q_p, float(-q_n), float(q_p))
-        return (levels - offset) * step
+        # v / s as v · (1/s): a multiply's backward is one pass per input, a divide's
+        # (for s) three.
+        latent = x * step.reciprocal()
+        if not self.binary:
+            return self.round_site(latent, q_n + q_p, float(-q_n), float(q_p)) * step
+        # The binary grid sits half a step off zero.
+        return (self.round_site(latent + 0.5, 1, 0.0, 1.0) - 0.5) * step
 
 
 class LsqMethod(QuantizerMethod):

@@ -1,0 +1,48 @@
+"""The step benchmark runs end to end and reports what the issue asks (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_writes_ratios_hessian_cost_and_verdicts(tmp_path, capsys):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    argv = ["--suite", "cifar", "--quick", "--batch", "2", "--methods", "interval"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (suite,) = result["suites"]
+    rows = {row["variant"]: row for row in suite["rows"]}
+    assert list(rows) == ["fp", "interval/ste", "interval/ewgs-fixed", "interval/ewgs-hessian"]
+    for label in ("interval/ewgs-fixed", "interval/ewgs-hessian"):
+        ratio = rows[label]["time_ewgs_vs_ste"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        # The fused clip saves the latent for both rules: EWGS saves exactly what STE does.
+        assert rows[label]["memory_ewgs_vs_ste"] == 1.0
+    assert rows["interval/ste"]["memory_vs_fp"] > 1.0  # the quantizers keep their latents
+    hessian = rows["interval/ewgs-hessian"]["hessian"]
+    # CIFAR recipe: 3 batches of the training batch size per estimate.
+    assert hessian["fast_per_estimate_steps"] == pytest.approx(3 * hessian["fast_per_batch_steps"])
+    deltas = rows["interval/ewgs-hessian"]["hessian_deltas"]
+    assert deltas["sites"] == 36 and 0 <= deltas["positive"] <= 36
+    for key in ("time_ewgs_vs_ste", "memory_ewgs_vs_ste", "time_vs_fp", "hessian_fast_steps"):
+        assert set(suite["targets"][key]["verdict"].values()) <= {"PASS", "MISS"}
+        assert set(suite["targets"][key]["verdict"]) == {"interval"}
+    printed = capsys.readouterr().out
+    assert "EWGS/STE" in printed and "time_vs_fp <= 1.5" in printed
