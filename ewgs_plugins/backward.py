@@ -48,15 +48,21 @@ class ElementWiseGradientScaling(BackwardRule):
     needs_latent = True
 
     def latent_gradient(self, grad: Tensor, context: RoundContext) -> Tensor:
-        if context.delta_value is None:  # under torch.compile, which fuses these ops
-            return grad * (1 + context.delta * torch.sign(grad) * context.error())
         if context.delta_value == 0.0:
             return grad  # STE exactly (δ starts at 0 under the Hessian schedule)
         # Eq. 4 rearranged: g·(1 + δ·sign(g)·e) = g + δ·|g|·e with e = (z - round(z))/steps,
         # fused into one addcmul (four passes over the tensor instead of eight).
         latent = context.latent
         assert latent is not None  # needs_latent
-        # round(z) - z in place on the fresh round(z) (one buffer fewer), hence -scale.
+        # round(z) - z in place on the fresh round(z) (one buffer fewer), hence -δ/steps.
         negative_error = torch.round(latent).sub_(latent)
-        scale = context.delta_value / context.steps
-        return torch.addcmul(grad, grad.abs(), negative_error, value=-scale)
+        if context.delta_value is None:
+            # Compiled: δ as the tensor (a Python number would recompile for every δ).
+            # addcmul computes grad + (value·t1)·t2, so (|g|·(-δ/steps))·e here is bit for
+            # bit what the eager call below computes.
+            return torch.addcmul(
+                grad, grad.abs() * (context.delta / -context.steps), negative_error
+            )
+        return torch.addcmul(
+            grad, grad.abs(), negative_error, value=-context.delta_value / context.steps
+        )
