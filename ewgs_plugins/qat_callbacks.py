@@ -21,10 +21,13 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .hookspecs import hookimpl
-from .quant import Quantizer, quantize_model
-
-CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
-
+from .quant import (
+    Quantizer,
+    quantize_model,
+    quantizer_bits,
+    quantizers,
+    set_quantizer_bits,
+)
 
 # ------------------------------------------------------------------ distillation
 
@@ -51,6 +54,7 @@ def load_teacher(
     from .models import load_full_precision
     from .options import call_with_options
     from .registry import registry
+    from .train import CHECKPOINT_FORMAT
 
     where = "teacher.weights"
     path = Path(weights)
@@ -84,10 +88,8 @@ def load_teacher(
             quantize_first_last=saved["quantize_first_last"],
             inplace=True,
         )
-        quantizers = {n: m for n, m in built.named_modules() if isinstance(m, Quantizer)}
         try:
-            for name, bits in loaded["quantizer_bits"].items():
-                quantizers[name].set_bits(bits)
+            set_quantizer_bits(built, loaded["quantizer_bits"])
             built.load_state_dict(loaded["model"])
         except (KeyError, RuntimeError) as error:
             raise ConfigError(
@@ -224,7 +226,7 @@ class WeightEMA:
         ``load_state_dict``, the saved average)."""
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         if self._pending is not None:
-            self._sync_bits(self._pending["bits"])
+            set_quantizer_bits(self.model, self._pending["bits"])
             self.model.load_state_dict(self._pending["model"])
             self.updates = int(self._pending["updates"])
             self._pending = None
@@ -232,16 +234,8 @@ class WeightEMA:
         floats = [k for k in averaged if averaged[k].is_floating_point()]
         self._floats = ([averaged[k] for k in floats], [current[k] for k in floats])
         self._others = [(averaged[k], current[k]) for k in averaged if k not in set(floats)]
-        mine = dict(self.model.named_modules())
-        self._quantizers = [
-            (mine[n], m) for n, m in model.named_modules() if isinstance(m, Quantizer)
-        ]
-
-    def _sync_bits(self, bits: Mapping[str, int]) -> None:
-        assert self.model is not None
-        for name, module in self.model.named_modules():
-            if isinstance(module, Quantizer) and module.bits != bits[name]:
-                module.set_bits(bits[name])
+        mine = quantizers(self.model)
+        self._quantizers = [(mine[n], m) for n, m in quantizers(model).items()]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -275,8 +269,11 @@ class WeightEMA:
     def state_dict(self) -> dict[str, Any]:
         if self.model is None:  # not attached yet: keep what was loaded, if anything
             return dict(self._pending) if self._pending is not None else {}
-        bits = {n: m.bits for n, m in self.model.named_modules() if isinstance(m, Quantizer)}
-        return {"model": self.model.state_dict(), "bits": bits, "updates": self.updates}
+        return {
+            "model": self.model.state_dict(),
+            "bits": quantizer_bits(self.model),
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -284,6 +281,6 @@ class WeightEMA:
         if self.model is None:
             self._pending = state
             return
-        self._sync_bits(state["bits"])
+        set_quantizer_bits(self.model, state["bits"])
         self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])

@@ -8,7 +8,7 @@ for each layer; each quantizer owns one round site. ``quantize_model`` replaces 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -301,6 +301,24 @@ def set_deltas(model: nn.Module, deltas: dict[str, float]) -> None:
 def deltas(model: nn.Module) -> dict[str, float]:
     """δ of every round site by name."""
     return {name: float(site.delta) for name, site in round_sites(model).items()}
+
+
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer of ``model`` by module name (``layer1.0.conv1.weight_quantizer``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def quantizer_bits(model: nn.Module) -> dict[str, int]:
+    """The bit-width of every quantizer by module name (what a checkpoint keeps)."""
+    return {name: q.bits for name, q in quantizers(model).items()}
+
+
+def set_quantizer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
+    """Set the quantizers named in ``bits`` (``quantizer_bits`` of a model of the same
+    layout) to those bit-widths; an unknown name is a KeyError."""
+    found = quantizers(model)
+    for name, value in bits.items():
+        found[name].set_bits(value)
 
 
 def active_round_sites(model: nn.Module) -> dict[str, RoundSite]:

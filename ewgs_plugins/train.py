@@ -46,9 +46,20 @@ from . import distributed
 from .callbacks import DeltaSchedule, write_atomic
 from .errors import ConfigError, EwgsError, PluginError, TrainingError
 from .hookspecs import PROJECT, LifecycleSpec
-from .quant import Quantizer, check_bits, initialize_quantizers, quantize_model, quantized_layers
+from .quant import (
+    Quantizer,
+    check_bits,
+    initialize_quantizers,
+    quantize_model,
+    quantized_layers,
+    quantizer_bits,
+    quantizers,
+    set_quantizer_bits,
+)
 from .recipe import OptimizerConfig, Recipe, ScheduleConfig, dump_yaml, flatten
 
+#: the ``format`` entry of a checkpoint this trainer writes
+CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 RECIPE_FILE = "recipe.yaml"
@@ -484,7 +495,7 @@ class Trainer:
 
     def quantizers(self) -> dict[str, Quantizer]:
         """Every quantizer of the model by module name (``layer1.0.conv1.weight_quantizer``)."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, Quantizer)}
+        return quantizers(self.model)
 
     def set_bits(
         self,
@@ -702,7 +713,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (what a checkpoint holds)."""
         return {
-            "format": "ewgs-checkpoint-1",
+            "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
             "step": self.step,
             "finished": self.finished,
@@ -717,7 +728,7 @@ class Trainer:
                 for name, callback in self.callbacks.items()
                 if hasattr(callback, "state_dict")
             },
-            "quantizer_bits": {name: q.bits for name, q in self.quantizers().items()},
+            "quantizer_bits": quantizer_bits(self.model),
             "rng": rng_state(),
             "history": self.history,
             "best": self.best,
@@ -737,8 +748,7 @@ class Trainer:
         except Exception as error:
             raise ConfigError("output", f"cannot read {path}: {error}") from None
         check_same_recipe(self.recipe, state["recipe"], self.run_dir)
-        for name, bits in state["quantizer_bits"].items():
-            self.quantizers()[name].set_bits(bits)
+        set_quantizer_bits(self.model, state["quantizer_bits"])
         self.model.load_state_dict(state["model"])
         self._make_optimizers(state["param_groups"])
         for kind, optimizer in self.optimizers.items():
