@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import distributed
 from .backward import StraightThrough
 from .delta import DeltaEstimator
@@ -98,18 +96,12 @@ class DeltaSchedule:
         does not depend on the number of processes), and takes rank 0's δ."""
         if isinstance(trainer.backward, StraightThrough):
             return
-        from .train import derive_seed
-
         model = trainer.model
         batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
         was_training = model.training
         model.train()
-        cuda = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=cuda), distributed.local_batchnorm(model):
-                torch.manual_seed(
-                    derive_seed(trainer.recipe.seed, "probes", trainer.epoch, trainer.step)
-                )
+            with trainer.seeded_rng("probes"), distributed.local_batchnorm(model):
                 new = self.estimator.estimate(model, batches, trainer.loss_fn)
         finally:
             model.train(was_training)

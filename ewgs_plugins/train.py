@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ class Trainer:
     - ``amp_dtype`` (the autocast dtype of ``amp``, or None) and ``scaler`` (a
       ``torch.amp.GradScaler``, enabled for ``amp: fp16``; checkpointed)
 
-    and its methods: ``log``, ``loss_fn``, ``sample_batches``, ``evaluate``,
+    and its methods: ``log``, ``loss_fn``, ``sample_batches``, ``seeded_rng``, ``evaluate``,
     ``quantizers``, ``set_bits``, ``set_lr_scale``, ``request_stop``.
     """
 
@@ -440,16 +440,24 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
+    @contextlib.contextmanager
+    def seeded_rng(self, tag: str) -> Iterator[int]:
+        """Inside, torch's RNG (CPU and the training GPU) is seeded with (and yields) a
+        seed derived from (seed, tag, epoch, step), the same in every process; the
+        global RNG state is restored on exit, so the training stream is untouched."""
+        seed = derive_seed(self.recipe.seed, tag, self.epoch, self.step)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield seed
+
     def sample_batches(
         self, count: int, batch_size: int | None = None, *, tag: str = "sample"
     ) -> list[tuple[Tensor, Tensor]]:
         """``count`` training batches (augmented, shuffled) on the device, drawn with a
         seed derived from (seed, tag, epoch, step); the global RNG is left as it was.
         Under DDP every process draws the same whole batches (not a share)."""
-        seed = derive_seed(self.recipe.seed, tag, self.epoch, self.step)
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with self.seeded_rng(tag) as seed:
             loader = DataLoader(
                 self.train_set,
                 batch_size=batch_size or self.recipe.data.batch_size,
