@@ -306,7 +306,6 @@ class Recipe(Section):
     amp: Literal["bf16", "fp16"] | None = None
     #: channels_last memory format for the model and its 4-D inputs (speed only)
     channels_last: bool = False
-    # Later keys (compile, amp, channels_last, sync_bn) are one line each here.
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self, key_path: str) -> None:
