@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from toys import digits_recipe, toy_plugins, write_recipe
+from toys import RUN_FILES, digits_recipe, toy_plugins, write_recipe
 
 from ewgs_plugins import ConfigError, distributed
 from ewgs_plugins.recipe import expand_runs
@@ -118,14 +118,7 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     writes = [json.loads((dump / f"writes-rank{r}.json").read_text()) for r in (0, 1)]
     assert any(w.startswith(run) and w.endswith("checkpoint_last.pt") for w in writes[0])
     assert [w for w in writes[1] if w.startswith(run)] == []
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {
-        "recipe.yaml",
-        "metrics.jsonl",
-        "metrics.csv",
-        "deltas.jsonl",
-        "checkpoint_last.pt",
-        "checkpoint_best.pt",
-    }
+    assert {p.name for p in (tmp_path / "run").iterdir()} == RUN_FILES
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
 

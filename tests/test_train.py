@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from toys import digits_recipe, toy_plugins, write_recipe
+from toys import RUN_FILES, digits_recipe, toy_plugins, write_recipe
 
 from ewgs_plugins import Quantizer, TrainingError, cli, quantized_layers
 from ewgs_plugins.recipe import Recipe, expand_runs
@@ -208,14 +208,7 @@ def test_the_run_directory_and_its_guards(tmp_path, capsys):
     assert cli.main(["train", str(path)]) == 0
     run = tmp_path / "run"
     names = {p.name for p in run.iterdir()}
-    assert names == {
-        "recipe.yaml",
-        "metrics.jsonl",
-        "metrics.csv",
-        "deltas.jsonl",
-        "checkpoint_last.pt",
-        "checkpoint_best.pt",
-    }
+    assert names == RUN_FILES
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["optimizers"]["quantizer"]["lr"] == 1e-5 and resolved["epochs"] == 2
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -16,6 +16,16 @@ from torch import nn
 
 from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, register_plugin, unregister_plugin
 
+#: what a finished run's directory holds (written by the trainer and the δ schedule)
+RUN_FILES = {
+    "recipe.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "deltas.jsonl",
+    "checkpoint_last.pt",
+    "checkpoint_best.pt",
+}
+
 
 class ToyQuantizer(Quantizer):
     """A learned step ``s`` (LSQ-like), signed for weights, unsigned for activations."""
