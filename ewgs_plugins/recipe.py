@@ -158,6 +158,12 @@ class DeltaConfig(Section):
             _positive(self.batch_size, _join(key_path, "batch_size"))
 
 
+def parse_bits_label(text: str) -> tuple[int, int] | None:
+    """``(weights, activations)`` of a label such as ``W4A4`` (any case), or None."""
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
 @dataclass(kw_only=True)
 class BitsConfig(Section):
     """Bit-widths, 1..8, or 32 for "not quantized". Shorthand: ``W2A2``, ``W1A32``."""
@@ -167,12 +173,12 @@ class BitsConfig(Section):
 
     @classmethod
     def from_string(cls, text: str, key_path: str) -> dict[str, Any]:
-        match = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
-        if not match:
+        pair = parse_bits_label(text)
+        if pair is None:
             raise ConfigError(
                 key_path, f"expected {{weights: N, activations: N}} or 'W<N>A<N>', got {text!r}"
             )
-        return {"weights": int(match[1]), "activations": int(match[2])}
+        return {"weights": pair[0], "activations": pair[1]}
 
     def check(self, key_path: str) -> None:
         for name in ("weights", "activations"):

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -57,6 +56,7 @@ from ewgs_plugins import distributed
 from ewgs_plugins.callbacks import write_atomic
 from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.hookspecs import hookimpl
+from ewgs_plugins.recipe import parse_bits_label
 
 from .profit import AIWQTracker, current_quantized_weights, quantized_convs
 
@@ -99,8 +99,7 @@ def _fraction(value: float | str, key: str) -> Fraction:
 
 def _bits(value: Any, key: str) -> tuple[int, int]:
     if isinstance(value, str):
-        match = re.fullmatch(r"[wW](\d+)[aA](\d+)", value.strip())
-        pair = (int(match[1]), int(match[2])) if match else None
+        pair = parse_bits_label(value)
     elif isinstance(value, Mapping) and set(value) == {"weights", "activations"}:
         pair = (value["weights"], value["activations"])
     else:
