@@ -233,8 +233,8 @@ class Trainer:
         self.run_dir = Path(recipe.output or "runs/run")
         self.device = distributed.setup(recipe)
         distributed.check_batch_size(recipe.data.batch_size)
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        self.progress = self.progress and distributed.is_main()
+        wanted = sys.stderr.isatty() if progress is None else progress
+        self.progress = wanted and distributed.is_main()  # one bar, rank 0's
         self.epoch = 0
         self.step = 0
         self.start_epoch = 0
