@@ -1,7 +1,7 @@
 """ewgs-plugins: quantization-aware training where the backward pass through
 rounding is a plugin (STE, EWGS)."""
 
-from .backward import BackwardRule, ElementWiseGradientScaling, StraightThrough
+from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, StraightThrough
 from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
 from .errors import ConfigError, EwgsError, PluginError, TrainingError
 from .hookspecs import hookimpl
@@ -19,7 +19,7 @@ from .quant import (
     set_deltas,
 )
 from .registry import register_plugin, registry, reset_registry, unregister_plugin
-from .round_site import RoundContext, RoundSite, round_sites
+from .round_site import RoundSite, round_sites
 
 __all__ = [
     "BackwardRule",

@@ -3,18 +3,41 @@
 A rule maps the gradient ``g_q`` arriving at the rounded value to the gradient
 ``g_n`` of the latent. It must use differentiable torch ops only (second
 derivatives flow through it) and must not save anything itself: what it needs is
-in the ``RoundContext`` (the latent, recomputed error, steps, δ).
+in the ``RoundContext`` the site hands it (the latent, recomputed error, steps, δ).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .round_site import RoundContext
+
+@dataclass
+class RoundContext:
+    """What a backward rule may use: the saved latent (level units), the site's
+    number of steps and its δ (a 0-d tensor)."""
+
+    latent: Tensor | None
+    steps: int
+    delta: Tensor
+    #: δ as a Python number (the same value as ``delta``), for rules that branch on it
+    #: or pass it to a fused op without a device synchronisation; None under
+    #: ``torch.compile``, where a Python number would be specialised (one recompile per
+    #: δ) and rules use the tensor ``delta``.
+    delta_value: float | None
+
+    def error(self) -> Tensor:
+        """Discretization error ``x_n - x_q`` as a fraction of the range
+        (``(z - round(z)) / steps``, so ``|error| <= 1 / (2 steps)``).
+
+        Outside the clip bounds this is the error of the unclipped latent; the site
+        zeroes those gradients afterwards, so it never reaches the result."""
+        if self.latent is None:
+            raise RuntimeError("this backward rule did not ask for the latent (needs_latent)")
+        return (self.latent - torch.round(self.latent)) / self.steps
 
 
 class BackwardRule:

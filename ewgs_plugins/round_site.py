@@ -15,38 +15,11 @@ recomputes its discretization error from it and costs no activation memory over 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .backward import BackwardRule, StraightThrough
-
-
-@dataclass
-class RoundContext:
-    """What a backward rule may use: the saved latent (level units), the site's
-    number of steps and its δ (a 0-d tensor)."""
-
-    latent: Tensor | None
-    steps: int
-    delta: Tensor
-    #: δ as a Python number (the same value as ``delta``), for rules that branch on it
-    #: or pass it to a fused op without a device synchronisation; None under
-    #: ``torch.compile``, where a Python number would be specialised (one recompile per
-    #: δ) and rules use the tensor ``delta``.
-    delta_value: float | None
-
-    def error(self) -> Tensor:
-        """Discretization error ``x_n - x_q`` as a fraction of the range
-        (``(z - round(z)) / steps``, so ``|error| <= 1 / (2 steps)``).
-
-        Outside the clip bounds this is the error of the unclipped latent; the site
-        zeroes those gradients afterwards, so it never reaches the result."""
-        if self.latent is None:
-            raise RuntimeError("this backward rule did not ask for the latent (needs_latent)")
-        return (self.latent - torch.round(self.latent)) / self.steps
-
+from .backward import BackwardRule, RoundContext, StraightThrough
 
 _OPEN_BOUNDS: dict[tuple[float, float, torch.dtype], tuple[float, float]] = {}
 

@@ -22,7 +22,7 @@ from ewgs_plugins.models import digits_cnn
 from ewgs_plugins.qat_callbacks import WeightEMA, load_teacher, soft_cross_entropy
 from ewgs_plugins.recipe import Recipe, expand_runs
 from ewgs_plugins.train import Trainer
-from methods.profit_training import ProfitTraining, frozen_layers
+from methods.profit import ProfitTraining, frozen_layers
 
 CONVS = ["0", "3", "6"]  # digits_cnn's convs; PROFIT quantizes all of them (and the linear)
 

@@ -58,7 +58,7 @@ from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.hookspecs import hookimpl
 from ewgs_plugins.recipe import parse_bits_label
 
-from .profit import AIWQTracker, current_quantized_weights, quantized_convs
+from .aiwq import AIWQTracker, current_quantized_weights, quantized_convs
 
 KEY = "callbacks.profit"
 FILE = "profit.json"
