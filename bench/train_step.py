@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ewgs_plugins import HessianDelta, initialize_quantizers, quantize_model, registry
+from ewgs_plugins import HessianDelta, fused, initialize_quantizers, quantize_model, registry
 from ewgs_plugins.quant import set_deltas
 
 METHODS = ("interval", "dorefa", "lsq", "profit")
@@ -321,7 +321,8 @@ def print_table(result: dict, device: torch.device, args: argparse.Namespace) ->
     print(
         f"\n{result['suite']}: {result['model']}, batch {result['batch']}, W{args.bits}A"
         f"{args.bits}, {device}, {torch.get_num_threads()} threads"
-        f"{', torch.compile' if args.compile else ''}; ratios: median [min-max] of the "
+        f"{', torch.compile' if args.compile else ''}"
+        f"{', fused kernels off' if args.no_fused else ''}; ratios: median [min-max] of the "
         "paired ratios over repeats, (fastest/fastest)"
     )
     header = (
@@ -390,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="round sites take their general path (plain torch ops), not the fused kernels",
+    )
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 step: a smoke run")
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
@@ -397,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.steps, args.warmup, args.hessian_repeats = 2, 1, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    fused.set_enabled(not args.no_fused)
     device = pick_device(args.device)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = []
@@ -412,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "compile": args.compile,
+                    "fused": not args.no_fused,
                     "bits": args.bits,
                     "repeats": args.repeats,
                     "steps": args.steps,
