@@ -140,13 +140,18 @@ def train_step(variant: Variant, batch: tuple) -> None:
     variant.optimizer.step()
 
 
+#: The clock of every timing: wall time, or with ``--clock process`` the CPU time of this
+#: process (on a shared CPU with one torch thread, other processes do not add to it).
+clock = time.perf_counter
+
+
 def time_steps(variant: Variant, batch: tuple, steps: int, device: torch.device) -> float:
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         train_step(variant, batch)
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def saved_bytes(variant: Variant, batch: tuple) -> float:
@@ -183,10 +188,10 @@ def time_estimate(
 ) -> float:
     """Seconds of ``estimator.estimate`` on one batch (the model is left unchanged)."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     estimator.estimate(variant.model, [batch], loss_fn)
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def make_batch(suite: Suite, size: int, device: torch.device, seed: int) -> tuple:
@@ -322,8 +327,8 @@ def print_table(result: dict, device: torch.device, args: argparse.Namespace) ->
         f"\n{result['suite']}: {result['model']}, batch {result['batch']}, W{args.bits}A"
         f"{args.bits}, {device}, {torch.get_num_threads()} threads"
         f"{', torch.compile' if args.compile else ''}"
-        f"{', fused kernels off' if args.no_fused else ''}; ratios: median [min-max] of the "
-        "paired ratios over repeats, (fastest/fastest)"
+        f"{', fused kernels off' if args.no_fused else ''}, {args.clock} clock; ratios: median "
+        "[min-max] of the paired ratios over repeats, (fastest/fastest)"
     )
     header = (
         f"{'variant':<22}{'step ms':>9}{'Q/FP':>27}{'EWGS/STE':>27}"
@@ -392,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="process: this process's CPU time (a CPU shared with other jobs; use --threads 1)",
+    )
+    parser.add_argument(
         "--no-fused",
         action="store_true",
         help="round sites take their general path (plain torch ops), not the fused kernels",
@@ -404,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fused.set_enabled(not args.no_fused)
+    global clock
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     device = pick_device(args.device)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results = []
@@ -420,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(),
                     "compile": args.compile,
                     "fused": not args.no_fused,
+                    "clock": args.clock,
                     "bits": args.bits,
                     "repeats": args.repeats,
                     "steps": args.steps,
