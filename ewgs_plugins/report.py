@@ -11,6 +11,7 @@ statistic is in ``stats``; the README's "Reading a comparison" says how to read 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class Analysis:
         return BASELINE in self.rules and len(self.rules) > 1
 
 
-def _closest(run: RunResult, others: Sequence[RunResult]) -> str:
+def _closest(run: RunResult, others: Sequence[RunResult], root: Path | None) -> str:
     """Why no run of ``others`` pairs with ``run``: the nearest one (same method, bits
     and seed) and the settings it differs in."""
     mine = run.settings()
@@ -98,10 +99,17 @@ def _closest(run: RunResult, others: Sequence[RunResult]) -> str:
         for o in candidates
     ]
     keys = min(differing, key=len)
-    return f"; the nearest, {candidates[differing.index(keys)].path}, differs in {', '.join(keys)}"
+    nearest = candidates[differing.index(keys)]
+    return f"; the nearest, {_name(nearest, root)}, differs in {', '.join(keys)}"
 
 
-def _pair(group: Group, rules: Sequence[str], finished: Sequence[RunResult]) -> None:
+def _name(run: RunResult, root: Path | None) -> str:
+    return run.name(root) if root is not None else str(run.path)
+
+
+def _pair(
+    group: Group, rules: Sequence[str], finished: Sequence[RunResult], root: Path | None
+) -> None:
     """Fill ``group.comparisons`` (one per rule other than the baseline) and
     ``group.unpaired`` (the group's runs in no pair, each with the reason)."""
     by_side: dict[tuple[str, int], list[RunResult]] = {}
@@ -122,17 +130,24 @@ def _pair(group: Group, rules: Sequence[str], finished: Sequence[RunResult]) -> 
             continue
         twin = by_side[(run.backward, run.seed)][0]
         if twin is not run:
-            group.unpaired.append((run, f"the same settings and seed as {twin.path}"))
+            group.unpaired.append((run, f"the same settings and seed as {_name(twin, root)}"))
             continue
         other = challengers if run.backward == BASELINE else BASELINE.upper()
         sides = [r for r in finished if r.backward != run.backward]
         reason = f"no {other} run with seed {run.seed} and otherwise the same recipe"
-        group.unpaired.append((run, reason + _closest(run, sides)))
+        group.unpaired.append((run, reason + _closest(run, sides, root)))
 
 
-def analyse(runs: Sequence[RunResult]) -> Analysis:
+def _natural(text: str) -> list[Any]:
+    """A sort key that puts numbers in their order (W2A2 before W16A16, 3 before 10)."""
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
+    ]
+
+
+def analyse(runs: Sequence[RunResult], root: Path | None = None) -> Analysis:
     """Group the finished runs, pair them by seed, and compute the paired statistics;
-    unfinished runs are left out."""
+    unfinished runs are left out. Reasons name runs relative to ``root``."""
     finished = [run for run in runs if run.finished]
     keys = varying_keys(runs)
     by_settings: dict[str, list[RunResult]] = {}
@@ -145,12 +160,12 @@ def analyse(runs: Sequence[RunResult]) -> Analysis:
         method, bits, label = row_key(members[0], keys)
         flat = flatten(members[0].recipe)
         groups.append(Group(method, bits, label, {k: flat.get(k) for k in keys}, members))
-    groups.sort(key=lambda g: (g.method, g.bits, g.label))
+    groups.sort(key=lambda g: (_natural(g.method), _natural(g.bits), _natural(g.label)))
     rules = backward_order(finished)
     analysis = Analysis(groups, rules, [run for run in runs if not run.finished])
     if analysis.paired:
         for group in groups:
-            _pair(group, rules, finished)
+            _pair(group, rules, finished, root)
     return analysis
 
 
@@ -360,7 +375,7 @@ def write_report(directory: str | Path) -> Report:
     runs in it (or below it)."""
     directory = Path(directory)
     runs = find_runs(directory)
-    analysis = analyse(runs)
+    analysis = analyse(runs, directory)
     plots = write_plots(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
     others = [r.upper() for r in analysis.rules if r != BASELINE]

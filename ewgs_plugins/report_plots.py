@@ -52,17 +52,26 @@ def curve_runs(group: Sequence[RunResult]) -> tuple[list[RunResult], str]:
     return finished, f"n={len(finished)}{note}"
 
 
-def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
-    """Training loss and test top-1 per epoch, one line per backward × bits (× other
-    settings), averaged over the finished runs' seeds: STE dashed, EWGS solid."""
-    from matplotlib.ticker import MaxNLocator
+@dataclass(frozen=True)
+class CurveLine:
+    """One line pair of a method's curves: a backward rule × setting, averaged."""
 
+    label: str
+    backward: str
+    color: str
+    epochs: list[int]
+    train_loss: list[float]
+    test_top1: list[float]
+
+
+def curve_lines(runs: Sequence[RunResult], method: str) -> list[CurveLine]:
+    """The lines of ``method``'s curves: one per backward × bits (× other settings),
+    averaged over the finished runs' seeds (``curve_runs``)."""
     keys = varying_keys(runs)
     chosen = [run for run in runs if run.method == method]
-    figure, (loss_axis, top1_axis) = _figure(11, 4, 2)
     settings = sorted({row_key(run, keys)[1:] for run in chosen})
-    colors = [f"C{i % 10}" for i in range(len(settings))]
-    for setting, color in zip(settings, colors):
+    lines = []
+    for index, setting in enumerate(settings):
         for backward in backward_order(chosen):
             group = [
                 r for r in chosen if row_key(r, keys)[1:] == setting and r.backward == backward
@@ -70,10 +79,26 @@ def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
             if not group:
                 continue
             averaged, count = curve_runs(group)
+            epochs, loss = mean_curve(averaged, "train_loss")
             label = " ".join(filter(None, [backward.upper(), *setting])) + f" ({count})"
-            style = _STYLES.get(backward, ":")
-            for axis, key in ((loss_axis, "train_loss"), (top1_axis, "test_top1")):
-                axis.plot(*mean_curve(averaged, key), style, color=color, label=label)
+            color = f"C{index % 10}"
+            lines.append(
+                CurveLine(
+                    label, backward, color, epochs, loss, mean_curve(averaged, "test_top1")[1]
+                )
+            )
+    return lines
+
+
+def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
+    """Training loss and test top-1 per epoch (``curve_lines``): STE dashed, EWGS solid."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (loss_axis, top1_axis) = _figure(11, 4, 2)
+    for line in curve_lines(runs, method):
+        style = _STYLES.get(line.backward, ":")
+        for axis, values in ((loss_axis, line.train_loss), (top1_axis, line.test_top1)):
+            axis.plot(line.epochs, values, style, color=line.color, label=line.label)
     loss_axis.set(title=f"{method}: training loss", xlabel="epoch", ylabel="loss")
     top1_axis.set(title=f"{method}: test top-1", xlabel="epoch", ylabel="top-1 (%)")
     top1_axis.legend(fontsize="small")
