@@ -29,8 +29,6 @@ SUMMARY_VERSION = 1
 #: the rule every other backward rule is compared against
 BASELINE = "ste"
 
-__all__ = ["BASELINE", "REPORT_FILE", "SUMMARY_FILE", "analyse", "find_runs", "table"]
-
 
 @dataclass
 class Comparison:
@@ -94,9 +92,9 @@ def _closest(run: RunResult, others: Sequence[RunResult], root: Path | None) -> 
     candidates = [o for o in others if (o.method, o.bits, o.seed) == where]
     if not candidates:
         return ""
+    theirs = [o.settings() for o in candidates]
     differing = [
-        sorted(k for k in mine.keys() | o.settings().keys() if mine.get(k) != o.settings().get(k))
-        for o in candidates
+        sorted(k for k in mine.keys() | t.keys() if mine.get(k) != t.get(k)) for t in theirs
     ]
     keys = min(differing, key=len)
     nearest = candidates[differing.index(keys)]
@@ -117,6 +115,7 @@ def _pair(
         by_side.setdefault((run.backward, run.seed), []).append(run)
     paired: set[int] = set()
     own = {run.backward for run in group.runs} - {BASELINE}
+    # the rules this group has; a group of baseline runs only is compared with every rule
     for rule in [r for r in rules if r in own] or [r for r in rules if r != BASELINE]:
         pairs = []
         for seed in sorted({s for b, s in by_side if b == rule}):
