@@ -148,7 +148,7 @@ def analyse(runs: Sequence[RunResult], root: Path | None = None) -> Analysis:
     """Group the finished runs, pair them by seed, and compute the paired statistics;
     unfinished runs are left out. Reasons name runs relative to ``root``."""
     finished = [run for run in runs if run.finished]
-    keys = varying_keys(runs)
+    keys = varying_keys(finished)  # a left-out run does not split the rows
     by_settings: dict[str, list[RunResult]] = {}
     for run in finished:
         by_settings.setdefault(json.dumps(run.settings(), sort_keys=True, default=str), []).append(
