@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .recipe import flatten
 from .report_plots import write_plots
 from .results import RunResult, backward_order, find_runs, row_key, varying_keys
 from .stats import CONFIDENCE, PairedDifference, paired_difference
 
-REPORT_FILE = "report.md"
-SUMMARY_FILE = "summary.json"
 SUMMARY_VERSION = 1
 #: the rule every other backward rule is compared against
 BASELINE = "ste"
@@ -407,8 +406,8 @@ def write_report(directory: str | Path) -> Report:
         *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
     ]
-    report = Report(directory / REPORT_FILE, directory / SUMMARY_FILE, text)
-    report.markdown.write_text("\n".join(markdown))
-    numbers = summary(analysis, directory)
-    report.summary.write_text(json.dumps(numbers, indent=2, default=str) + "\n")
+    report = Report(directory / rundir.REPORT, directory / rundir.SUMMARY, text)
+    rundir.write_atomic(report.markdown, "\n".join(markdown))
+    numbers = json.dumps(summary(analysis, directory), indent=2, default=str)
+    rundir.write_atomic(report.summary, numbers + "\n")
     return report

@@ -9,14 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import rundir
 from .errors import ConfigError
 from .recipe import flatten
-
-RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
-DELTAS_FILE = "deltas.jsonl"
 
 #: keys that make the table's rows and columns (or are expected to differ)
 AXES = ("method.name", "backward", "bits.weights", "bits.activations", "seed", "output")
@@ -93,19 +88,12 @@ class RunResult:
             return str(self.path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_run(path: Path) -> RunResult | None:
     """The run in ``path``, or None if it holds no run with at least one epoch."""
-    recipe_file, metrics = path / RECIPE_FILE, _read_jsonl(path / METRICS_FILE)
-    if not recipe_file.is_file() or not metrics:
+    recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
+    if recipe is None or not metrics:
         return None
-    recipe = yaml.safe_load(recipe_file.read_text())
-    return RunResult(path, recipe, metrics, _read_jsonl(path / DELTAS_FILE))
+    return RunResult(path, recipe, metrics, rundir.read_deltas(path))
 
 
 def find_runs(directory: str | Path) -> list[RunResult]:
@@ -113,12 +101,13 @@ def find_runs(directory: str | Path) -> list[RunResult]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError("", f"{directory}: no such directory")
-    folders = sorted({p.parent for p in directory.rglob(METRICS_FILE)})
+    folders = sorted({p.parent for p in directory.rglob(rundir.METRICS_JSONL)})
     runs = [run for run in map(read_run, folders) if run is not None]
     if not runs:
         raise ConfigError(
             "",
-            f"{directory}: no run found (a run directory holds {RECIPE_FILE} and {METRICS_FILE})",
+            f"{directory}: no run found (a run directory holds {rundir.RECIPE} and "
+            f"{rundir.METRICS_JSONL})",
         )
     return runs
 

@@ -17,8 +17,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy.stats import t as student_t
-
 #: the interval's confidence level
 CONFIDENCE = 0.95
 
@@ -31,7 +29,9 @@ def t_quantile(probability: float, degrees_of_freedom: int) -> float:
     """The ``probability`` quantile of Student's t distribution."""
     if degrees_of_freedom < 1:
         raise ValueError(f"Student's t needs a degree of freedom or more: {degrees_of_freedom}")
-    return float(student_t.ppf(probability, degrees_of_freedom))
+    from scipy.stats import t  # heavy (half a second): imported when a report needs it
+
+    return float(t.ppf(probability, degrees_of_freedom))
 
 
 @dataclass(frozen=True)

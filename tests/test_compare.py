@@ -7,8 +7,8 @@ import re
 import pytest
 from toys import digits_recipe, toy_plugins, write_recipe
 
-from ewgs_plugins import cli
-from ewgs_plugins.report import SUMMARY_FILE, analyse, table
+from ewgs_plugins import cli, rundir
+from ewgs_plugins.report import analyse, table
 from ewgs_plugins.results import find_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +53,7 @@ def test_compare_trains_the_matrix_then_writes_the_table_and_plots(tmp_path, cap
         top1 = {(r.backward, r.seed): r.final_top1 for r in results if r.method == method}
         mean = sum(top1["ewgs", s] - top1["ste", s] for s in (0, 1)) / 2
         assert f"| {mean:+.2f} [" in row
-    assert (tmp_path / "out" / SUMMARY_FILE).is_file() and "summary: " in out
+    assert (tmp_path / "out" / rundir.SUMMARY).is_file() and "summary: " in out
     plots = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert plots == [
         "curves_toy.png",

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ewgs_plugins import cli
-from ewgs_plugins.report import SUMMARY_FILE, analyse, write_report
+from ewgs_plugins import cli, rundir
+from ewgs_plugins.report import analyse, write_report
 from ewgs_plugins.report_plots import curve_lines, mean_curve
 from ewgs_plugins.results import find_runs
 from ewgs_plugins.stats import paired_difference, t_quantile
@@ -56,7 +55,7 @@ def write_run(
         "output": str(path),
     }
     recipe.update(recipe_changes)
-    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rundir.write_recipe(path, recipe)
     rows = []
     for epoch in range(epochs if done is None else done):
         left = epochs - 1 - epoch  # the last epoch of a finished run ends at the given values
@@ -65,7 +64,7 @@ def write_run(
         if ema is not None:
             row["ema_test_top1"] = ema - left
         rows.append(row)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rundir.write_metrics(path, rows)
     return path
 
 
@@ -223,7 +222,7 @@ def test_the_report_shows_the_known_interval_in_the_table_and_summary(tmp_path, 
         "| +0.0000 [+0.0000, +0.0000] (n=3) |"
     )
     assert row in out and row in (tmp_path / "report.md").read_text()
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
     (group,) = summary["groups"]
     (comparison,) = group["comparisons"]
     assert comparison["top1"]["ci"] == pytest.approx([2 - half, 2 + half], abs=1e-5)
@@ -269,7 +268,7 @@ def test_an_unpaired_seed_is_listed_not_dropped(tmp_path, capsys):
     main = next(g for g in analysis.groups if g.label == "optimizers.weights.lr=0.01")
     assert main.comparisons[0].top1.n == 2  # seed 7 and 8 are in no pair
     assert [r.seed for r, _ in main.unpaired] == [7, 8]
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
     unpaired = [u for g in summary["groups"] for u in g["unpaired"]]
     assert sorted((u["run"], u["backward"], u["seed"]) for u in unpaired) == [
         ("ewgs-seed7", "ewgs", 7),
@@ -294,7 +293,7 @@ def test_a_single_pair_says_no_interval_exists(tmp_path, capsys):
     write_pairs(tmp_path, [0.5])
     assert cli.main(["report", str(tmp_path)]) == 0
     assert "| +0.50 (n=1) | 1/0/0 | one pair: no interval |" in capsys.readouterr().out
-    (group,) = json.loads((tmp_path / SUMMARY_FILE).read_text())["groups"]
+    (group,) = json.loads((tmp_path / rundir.SUMMARY).read_text())["groups"]
     assert group["comparisons"][0]["top1"]["ci"] is None
     assert group["comparisons"][0]["verdict"] == "one pair: no interval"
 
@@ -310,7 +309,7 @@ def test_unfinished_runs_are_left_out_and_said_so(tmp_path, capsys):
     # the unfinished STE run's recipe asks for more epochs: that does not split the row
     assert "| interval | W2A2 | 51.00 ± 1.00 (n=3) | 52.00 ± 0.92 (n=3) | +1.00 [" in out
     assert "| 3/0/0 | EWGS better |" in out
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
     assert summary["left_out"] == [
         {"run": "ewgs-seed3", "epochs_done": 1, "epochs": 3},
         {"run": "ste-seed3", "epochs_done": 2, "epochs": 5},
@@ -330,7 +329,7 @@ def test_the_ema_accuracy_is_paired_where_both_runs_have_one(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "EWGS − STE EMA top-1 (95 % CI) |" in out and "| +2.00 [-0.48, +4.48] (n=3) |" in out
-    (group,) = json.loads((tmp_path / SUMMARY_FILE).read_text())["groups"]
+    (group,) = json.loads((tmp_path / rundir.SUMMARY).read_text())["groups"]
     assert group["comparisons"][0]["ema_top1"]["n"] == 3
     assert group["comparisons"][0]["pairs"][3]["ema_top1"] == {"ste": None, "ewgs": 99.0}
 
