@@ -104,11 +104,10 @@ def _name(run: RunResult, root: Path | None) -> str:
     return run.name(root) if root is not None else str(run.path)
 
 
-def _pair(
-    group: Group, rules: Sequence[str], finished: Sequence[RunResult], root: Path | None
-) -> None:
+def _pair(group: Group, rules: Sequence[str], runs: Sequence[RunResult], root: Path | None) -> None:
     """Fill ``group.comparisons`` (one per rule other than the baseline) and
-    ``group.unpaired`` (the group's runs in no pair, each with the reason)."""
+    ``group.unpaired`` (the group's runs in no pair, each with the reason; ``runs``:
+    every run, for the reasons)."""
     by_side: dict[tuple[str, int], list[RunResult]] = {}
     for run in group.runs:
         by_side.setdefault((run.backward, run.seed), []).append(run)
@@ -130,10 +129,19 @@ def _pair(
         if twin is not run:
             group.unpaired.append((run, f"the same settings and seed as {_name(twin, root)}"))
             continue
+        sides = [r for r in runs if r.backward != run.backward]
+        settings = run.settings()
+        unfinished = [
+            r for r in sides if not r.finished and r.seed == run.seed and r.settings() == settings
+        ]
+        if unfinished:
+            reason = f"its {unfinished[0].backward.upper()} run {_name(unfinished[0], root)}"
+            group.unpaired.append((run, reason + " is unfinished"))
+            continue
         other = challengers if run.backward == BASELINE else BASELINE.upper()
-        sides = [r for r in finished if r.backward != run.backward]
         reason = f"no {other} run with seed {run.seed} and otherwise the same recipe"
-        group.unpaired.append((run, reason + _closest(run, sides, root)))
+        finished = [r for r in sides if r.finished]
+        group.unpaired.append((run, reason + _closest(run, finished, root)))
 
 
 def _natural(text: str) -> list[Any]:
@@ -163,7 +171,7 @@ def analyse(runs: Sequence[RunResult], root: Path | None = None) -> Analysis:
     analysis = Analysis(groups, rules, [run for run in runs if not run.finished])
     if analysis.paired:
         for group in groups:
-            _pair(group, rules, finished, root)
+            _pair(group, rules, runs, root)
     return analysis
 
 

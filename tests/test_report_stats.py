@@ -315,6 +315,13 @@ def test_unfinished_runs_are_left_out_and_said_so(tmp_path, capsys):
         {"run": "ste-seed3", "epochs_done": 2, "epochs": 5},
     ]
     assert [p["seed"] for p in summary["groups"][0]["comparisons"][0]["pairs"]] == [0, 1, 2]
+    # a run whose other side is unfinished is unpaired, and the reason says so
+    write_run(tmp_path, "ste-seed4", "ste", 4, 10.0)
+    write_run(tmp_path, "ewgs-seed4", "ewgs", 4, 10.0, done=2)
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert "- ste-seed4 (STE, seed 4): its EWGS run ewgs-seed4 is unfinished\n" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_ema_accuracy_is_paired_where_both_runs_have_one(tmp_path, capsys):
