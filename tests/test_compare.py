@@ -8,7 +8,8 @@ import pytest
 from toys import digits_recipe, toy_plugins, write_recipe
 
 from ewgs_plugins import cli, rundir
-from ewgs_plugins.report import analyse, table
+from ewgs_plugins.pairing import analyse
+from ewgs_plugins.report import table
 from ewgs_plugins.results import find_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"

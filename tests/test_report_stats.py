@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ewgs_plugins import cli, rundir
-from ewgs_plugins.report import analyse, write_report
+from ewgs_plugins.pairing import analyse
+from ewgs_plugins.report import write_report
 from ewgs_plugins.report_plots import curve_lines, mean_curve
 from ewgs_plugins.results import find_runs
 from ewgs_plugins.stats import paired_difference, t_quantile
