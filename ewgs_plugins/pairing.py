@@ -115,25 +115,26 @@ def _pair(group: Group, rules: Sequence[str], runs: Sequence[RunResult], root: P
         group.comparisons.append(Comparison(rule, pairs))
     challengers = " or ".join(c.rule.upper() for c in group.comparisons)
     for run in group.runs:
-        if id(run) in paired:
-            continue
-        twin = by_side[(run.backward, run.seed)][0]
-        if twin is not run:
-            group.unpaired.append((run, f"the same settings and seed as {_name(twin, root)}"))
-            continue
-        sides = [r for r in runs if r.backward != run.backward]
-        settings = run.settings()
-        unfinished = [
-            r for r in sides if not r.finished and r.seed == run.seed and r.settings() == settings
-        ]
-        if unfinished:
-            reason = f"its {unfinished[0].backward.upper()} run {_name(unfinished[0], root)}"
-            group.unpaired.append((run, reason + " is unfinished"))
-            continue
-        other = challengers if run.backward == BASELINE else BASELINE.upper()
-        reason = f"no {other} run with seed {run.seed} and otherwise the same recipe"
-        finished = [r for r in sides if r.finished]
-        group.unpaired.append((run, reason + _closest(run, finished, root)))
+        if id(run) not in paired:
+            twin = by_side[(run.backward, run.seed)][0]
+            group.unpaired.append((run, _why_unpaired(run, twin, challengers, runs, root)))
+
+
+def _why_unpaired(
+    run: RunResult, twin: RunResult, challengers: str, runs: Sequence[RunResult], root: Path | None
+) -> str:
+    """Why ``run`` is in no pair: a repeat of ``twin``, an unfinished other side, or no
+    other side (and then the nearest run of the other side, if any)."""
+    if twin is not run:
+        return f"the same settings and seed as {_name(twin, root)}"
+    sides = [r for r in runs if r.backward != run.backward]
+    settings = run.settings()
+    for other in sides:
+        if not other.finished and other.seed == run.seed and other.settings() == settings:
+            return f"its {other.backward.upper()} run {_name(other, root)} is unfinished"
+    wanted = challengers if run.backward == BASELINE else BASELINE.upper()
+    reason = f"no {wanted} run with seed {run.seed} and otherwise the same recipe"
+    return reason + _closest(run, [r for r in sides if r.finished], root)
 
 
 def _natural(text: str) -> list[Any]:

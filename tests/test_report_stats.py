@@ -18,7 +18,7 @@ from ewgs_plugins import cli, rundir
 from ewgs_plugins.pairing import analyse
 from ewgs_plugins.report import write_report
 from ewgs_plugins.report_plots import curve_lines, mean_curve
-from ewgs_plugins.results import find_runs
+from ewgs_plugins.results import RunResult, find_runs
 from ewgs_plugins.stats import paired_difference, t_quantile
 
 # Student-t 0.975 quantiles from a printed table (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2)
@@ -411,3 +411,67 @@ def test_the_mean_curve_averages_each_epoch_over_the_runs_that_reached_it(tmp_pa
         find_runs(write_run(tmp_path, "b", "ste", 1, 30.0, epochs=3))[0],
     ]
     assert mean_curve(runs, "test_top1") == ([1, 2, 3], [(9.0 + 28.0) / 2, (10.0 + 29.0) / 2, 30.0])
+
+
+# ---------------------------------------------------------------------- the pairing
+
+run_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["ste", "ewgs"]),
+        st.integers(0, 3),  # seed
+        st.sampled_from([0.01, 0.02]),  # a learning rate: two groups
+        st.booleans(),  # finished
+        st.floats(0, 100),  # final top-1
+    ),
+    max_size=14,
+)
+
+
+def in_memory_run(
+    index: int, backward: str, seed: int, lr: float, done: bool, top1: float
+) -> RunResult:
+    recipe = {
+        "method": {"name": "interval"},
+        "backward": backward,
+        "bits": {"weights": 2, "activations": 2},
+        "seed": seed,
+        "epochs": 2,
+        "optimizers": {"weights": {"lr": lr}},
+        "output": f"runs/{index}",
+    }
+    rows = [{"epoch": e, "train_loss": 1.0, "test_top1": top1} for e in range(2 if done else 1)]
+    return RunResult(Path(f"runs/{index}"), recipe, rows, [])
+
+
+@settings(max_examples=80, deadline=None)
+@given(run_specs, st.randoms(use_true_random=False))
+def test_every_run_is_paired_once_listed_unpaired_or_left_out(specs, shuffler):
+    runs = [in_memory_run(i, *spec) for i, spec in enumerate(specs)]
+    analysis = analyse(runs)
+    paired = [
+        run for g in analysis.groups for c in g.comparisons for pair in c.pairs for run in pair
+    ]
+    unpaired = [run for g in analysis.groups for run, _ in g.unpaired]
+    # a partition: every finished run once, in a pair or unpaired (when both rules have
+    # finished runs: else there is no comparison); every unfinished one left out
+    assert sorted(map(id, analysis.left_out)) == sorted(id(r) for r in runs if not r.finished)
+    finished = [r for r in runs if r.finished]
+    assert analysis.paired == ({r.backward for r in finished} == {"ste", "ewgs"})
+    expected = finished if analysis.paired else []
+    assert sorted(map(id, paired + unpaired)) == sorted(map(id, expected))
+    for group in analysis.groups:
+        for comparison in group.comparisons:
+            for ste, ewgs in comparison.pairs:
+                assert (ste.backward, ewgs.backward) == ("ste", "ewgs")
+                assert ste.seed == ewgs.seed and ste.settings() == ewgs.settings()
+            # one pair per seed that both sides have
+            seeds = {(r.backward, r.seed) for r in group.runs}
+            both = {s for b, s in seeds if b == "ste"} & {s for b, s in seeds if b == "ewgs"}
+            assert [e.seed for _, e in comparison.pairs] == sorted(both)
+    # the order the runs are found in changes nothing
+    shuffled = list(runs)
+    shuffler.shuffle(shuffled)
+    again = analyse(shuffled)
+    assert [(g.label, [c.top1 for c in g.comparisons]) for g in again.groups] == [
+        (g.label, [c.top1 for c in g.comparisons]) for g in analysis.groups
+    ]
