@@ -74,6 +74,11 @@ class Analysis:
         """Whether the baseline and another rule both have runs: there is a comparison."""
         return BASELINE in self.rules and len(self.rules) > 1
 
+    @property
+    def has_ema(self) -> bool:
+        """Whether some pair has an EMA accuracy on both sides."""
+        return any(c.ema_top1 for group in self.groups for c in group.comparisons)
+
 
 def _closest(run: RunResult, others: Sequence[RunResult], root: Path | None) -> str:
     """Why no run of ``others`` pairs with ``run``: the nearest one (same method, bits

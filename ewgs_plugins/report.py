@@ -50,7 +50,7 @@ def _diff_cell(diff: PairedDifference | None, digits: int) -> str:
 def _table(analysis: Analysis) -> str:
     keys = any(group.label for group in analysis.groups)
     rules = [r for r in analysis.rules if r != BASELINE] if analysis.paired else []
-    ema = any(c.ema_top1 for g in analysis.groups for c in g.comparisons)
+    ema = analysis.has_ema
     header = ["method", "bits", *(["settings"] if keys else []), *map(str.upper, analysis.rules)]
     level = f"{round(CONFIDENCE * 100)} % CI"
     for rule in rules:
@@ -217,14 +217,28 @@ class Report:
 
 
 _CAPTION = (
-    "Test top-1 (%) after the last epoch. Per rule: mean ± sample std over the finished "
-    "runs (n). {rule} − {base}: the mean of the paired differences (a pair is the two runs "
-    "of one seed whose recipes differ only in the backward rule) with its {level} % "
-    "Student-t interval over the pairs; W/T/L counts the pairs where {rule} is above / "
-    "equal to / below {base}; the verdict says whether the interval excludes 0. The "
-    "train-loss column is the same statistic for the last epoch's training loss (lower is "
-    'better){ema}. See the README\'s "Reading a comparison" for what this can and cannot say.'
+    "Test top-1 (%) after the last epoch. Per rule: mean ± sample std over the finished runs (n)."
 )
+_PAIRED_CAPTION = (
+    " {rule} − {base}: the mean of the paired differences (a pair is the two runs of one "
+    "seed whose recipes differ only in the backward rule) with its {level} % Student-t "
+    "interval over the pairs; W/T/L counts the pairs where {rule} is above / equal to / "
+    "below {base}; the verdict says whether the interval excludes 0. The train-loss column "
+    "is the same statistic for the last epoch's training loss (lower is better){ema}. See "
+    'the README\'s "Reading a comparison" for what this can and cannot say.'
+)
+_EMA_CAPTION = "; EMA top-1: the same for the weight average's top-1, over the pairs that have one"
+
+
+def _caption(analysis: Analysis) -> str:
+    if not analysis.paired:
+        return _CAPTION
+    return _CAPTION + _PAIRED_CAPTION.format(
+        rule=" / ".join(r.upper() for r in analysis.rules if r != BASELINE),
+        base=BASELINE.upper(),
+        level=round(CONFIDENCE * 100),
+        ema=_EMA_CAPTION if analysis.has_ema else "",
+    )
 
 
 def write_report(directory: str | Path) -> Report:
@@ -235,20 +249,10 @@ def write_report(directory: str | Path) -> Report:
     analysis = analyse(runs, directory)
     plots = write_plots(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
-    others = [r.upper() for r in analysis.rules if r != BASELINE]
-    has_ema = any(c.ema_top1 for g in analysis.groups for c in g.comparisons)
-    caption = _CAPTION.format(
-        rule=" / ".join(others) or "rule",
-        base=BASELINE.upper(),
-        level=round(CONFIDENCE * 100),
-        ema="; EMA top-1: the same for the weight average's top-1, over the pairs that have one"
-        if has_ema
-        else "",
-    )
     markdown = [
         f"# EWGS vs STE: {directory.name}",
         "",
-        caption,
+        _caption(analysis),
         "",
         text,
         "",
@@ -260,7 +264,7 @@ def write_report(directory: str | Path) -> Report:
         "",
         "Curves: the mean over each setting's finished runs (the table's runs); an "
         "unfinished run is left out, so it neither cuts a curve short nor bends it where "
-        "it stops.",
+        "it stops (a setting with no finished run shows its unfinished ones, labelled so).",
         "",
         *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
