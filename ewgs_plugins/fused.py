@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,7 +108,7 @@ def _backward_ewgs_free(
     return _affine_gradients(scaled, x, scale)
 
 
-FORMULAS: dict[str, Callable[..., object]] = {
+FORMULAS: dict[str, Callable[..., Any]] = {
     "forward_clipped": _forward_clipped,
     "forward_free": _forward_free,
     "ste_clipped": _backward_ste_clipped,
@@ -116,7 +117,7 @@ FORMULAS: dict[str, Callable[..., object]] = {
     "ewgs_free": _backward_ewgs_free,
 }
 
-_compiled: dict[str, Callable[..., object]] = {}
+_compiled: dict[str, Callable[..., Any]] = {}
 _failed: set[tuple[str, str]] = set()
 _constants: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 
@@ -146,7 +147,7 @@ def applies(x: Tensor, *scalars: float | Tensor) -> bool:
     )
 
 
-def run(kind: str, *args: object) -> object:
+def run(kind: str, *args: Any) -> Any:
     """Run formula ``kind`` (tensors flattened by the caller) as its compiled kernel;
     eagerly where compiling failed on this device."""
     device = next(a.device.type for a in args if isinstance(a, Tensor))

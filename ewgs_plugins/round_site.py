@@ -68,6 +68,17 @@ def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str |
     return None
 
 
+def _fused_affine(
+    x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The kernels' ``scale`` and ``shift``: 0-d tensors; an absent scale is 1 and an
+    absent shift -0.0, which leave every x as it is (x + (-0.0) = x, -0.0 included)."""
+    return (
+        fused.constant(1.0 if scale is None else scale, x),
+        fused.constant(-0.0 if shift is None else shift, x),
+    )
+
+
 class _RoundFunction(torch.autograd.Function):
     # Not once_differentiable: the general backward is made of differentiable ops so
     # that second derivatives (the Hessian δ estimate) flow through it.
@@ -88,8 +99,8 @@ class _RoundFunction(torch.autograd.Function):
         shift_tensor = shift if isinstance(shift, Tensor) else None
         # The latent is never saved: the backward recomputes it from x, which the op
         # before the quantizer (a ReLU, tanh, the weight itself) keeps anyway.
-        needs_x = rule.needs_latent or low is not None or scale_tensor is not None
-        ctx.save_for_backward(x if needs_x else None, scale_tensor, shift_tensor, delta)
+        keep_x = rule.needs_latent or low is not None or scale_tensor is not None
+        ctx.save_for_backward(x if keep_x else None, scale_tensor, shift_tensor, delta)
         ctx.scale = None if scale_tensor is not None else scale
         ctx.shift = None if shift_tensor is not None else shift
         ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
@@ -97,9 +108,9 @@ class _RoundFunction(torch.autograd.Function):
         if fused.applies(x, scale, shift):
             args = (x.view(-1), *_fused_affine(x, scale, shift))
             if low is None:
-                return fused.run("forward_free", *args).view_as(x)  # type: ignore[union-attr]
+                return fused.run("forward_free", *args).view_as(x)
             bounds = fused.constant(low, x), fused.constant(high, x)
-            return fused.run("forward_clipped", *args, *bounds).view_as(x)  # type: ignore[union-attr]
+            return fused.run("forward_clipped", *args, *bounds).view_as(x)
         latent = _latent(x, scale, shift)
         if low is None:
             return torch.round(latent)
@@ -127,7 +138,7 @@ class _RoundFunction(torch.autograd.Function):
             if ctx.low is not None:
                 args += _open_bounds(ctx.low, ctx.high, x.dtype)
             suffix = "_free" if ctx.low is None else "_clipped"
-            grad_x, grad_scale, grad_shift = fused.run(kind + suffix, *args)  # type: ignore[misc]
+            grad_x, grad_scale, grad_shift = fused.run(kind + suffix, *args)
             return (
                 grad_x.view_as(x) if needs_x else None,
                 grad_scale if needs_scale else None,
@@ -148,17 +159,6 @@ class _RoundFunction(torch.autograd.Function):
         if needs_shift:
             grad_shift = grad_latent.sum_to_size(shift_tensor.shape)
         return (grad_x, grad_scale, grad_shift) + (None,) * 6
-
-
-def _fused_affine(
-    x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The kernels' ``scale`` and ``shift``: 0-d tensors; an absent scale is 1 and an
-    absent shift -0.0, which leave every x as it is (x + (-0.0) = x, -0.0 included)."""
-    return (
-        fused.constant(1.0 if scale is None else scale, x),
-        fused.constant(-0.0 if shift is None else shift, x),
-    )
 
 
 class RoundSite(nn.Module):
