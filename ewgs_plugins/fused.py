@@ -47,10 +47,10 @@ def enabled() -> bool:
     return _enabled
 
 
-# The formulas. ``scale``, ``shift`` and the forward's clip bounds are 0-d tensors of
-# x's dtype and device (``clamp`` would specialise on a number: one compile per
-# bit-width); the backward's bounds and factor are Python floats, which dynamic
-# shapes keep symbolic (no recompiles).
+# The formulas. Every scalar (``scale``, ``shift``, bounds, EWGS's factor) is a 0-d
+# tensor of x's dtype and device (see ``constant``): a Python number would be turned
+# into a tensor on every call (or, for ``clamp``, specialised: one compile per
+# bit-width).
 # ``below``/``above`` are the clip bounds' float neighbours (see round_site): a latent
 # outside ``(below, above)`` gets no gradient; NaN keeps its gradient, as with
 # ``hardtanh_backward``. EWGS's term is ``grad + (factor·|grad|)·(round(z) - z)``:
@@ -72,7 +72,7 @@ def _affine_gradients(grad: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, T
 
 
 def _backward_ste_clipped(
-    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, below: float, above: float
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, below: Tensor, above: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     latent = x * scale + shift
     inside = torch.where((latent <= below) | (latent >= above), 0.0, grad)
@@ -84,9 +84,9 @@ def _backward_ewgs_clipped(
     x: Tensor,
     scale: Tensor,
     shift: Tensor,
-    factor: float,
-    below: float,
-    above: float,
+    factor: Tensor,
+    below: Tensor,
+    above: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     latent = x * scale + shift
     scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
@@ -101,7 +101,7 @@ def _backward_ste_free(
 
 
 def _backward_ewgs_free(
-    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, factor: float
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, factor: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     latent = x * scale + shift
     scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
@@ -122,11 +122,17 @@ _failed: set[tuple[str, str]] = set()
 _constants: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 
 
+#: Memoised constants kept at most (δ/steps takes a new value at every δ estimate).
+MAX_CONSTANTS = 4096
+
+
 def constant(value: float | Tensor, like: Tensor) -> Tensor:
     """``value`` as a detached 0-d tensor of ``like``'s dtype and device (a Python
     number becomes a tensor once, memoised)."""
     if isinstance(value, Tensor):
         return value.detach()
+    if len(_constants) >= MAX_CONSTANTS:
+        _constants.clear()
     value = float(value)
     key = (value, math.copysign(1.0, value), like.dtype, like.device)  # -0.0 is not 0.0
     if key not in _constants:

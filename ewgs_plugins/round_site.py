@@ -134,9 +134,11 @@ class _RoundFunction(torch.autograd.Function):
             flat_grad = grad.contiguous().view(-1)  # (an expanded gradient, of a sum, say)
             args: tuple = (flat_grad, x.view(-1), *_fused_affine(x, scale, shift))
             if kind == "ewgs":
-                args += (-ctx.delta_value / ctx.steps,)  # EWGS's factor: -δ/steps
+                args += (fused.constant(-ctx.delta_value / ctx.steps, x),)  # EWGS: -δ/steps
             if ctx.low is not None:
-                args += _open_bounds(ctx.low, ctx.high, x.dtype)
+                args += tuple(
+                    fused.constant(b, x) for b in _open_bounds(ctx.low, ctx.high, x.dtype)
+                )
             suffix = "_free" if ctx.low is None else "_clipped"
             grad_x, grad_scale, grad_shift = fused.run(kind + suffix, *args)
             return (
