@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .mechanism import plot_mechanism_runs
 from .recipe import flatten
 
 REPORT_FILE = "report.md"
@@ -270,6 +271,7 @@ def write_report(directory: str | Path) -> Path:
         shown.add(key)
         name = _file_name("deltas", run.method, run.backward, run.bits, str(len(shown)))
         plots.append(plot_deltas(run, directory / name))
+    plots += plot_mechanism_runs(runs, directory, lambda run: _row_key(run, keys)[2])
     unfinished = sum(not run.finished for run in runs)
     text = [
         f"# EWGS vs STE: {directory.name}",

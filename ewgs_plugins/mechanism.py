@@ -1,0 +1,348 @@
+"""The mechanism of a backward rule made visible: the training callback ``mechanism``.
+
+What separates STE from EWGS happens at the latent weights: EWGS's extra term
+``δ·|g|·(x_n − x_q)`` (paper Eq. 4) pulls each latent toward its level, which changes how
+far latents sit from their levels, how often a weight's quantized value flips, and how
+many latents drift out of the clip range. Turned on with ``callbacks: {mechanism: {}}``,
+this callback writes per quantized layer, per epoch, into ``mechanism.jsonl`` in the run
+directory (one row per epoch: ``{"epoch", "step", "steps", "layers": {layer: {...}}}``):
+
+- ``weights``: the number of weights of the layer;
+- ``clip_fraction``: the fraction of latent weights at or beyond the clip bounds (null
+  for a quantizer whose round site has no clip bounds, as DoReFa's weights);
+- ``error``: the mean ``|x_n − x_q|`` of the latent weights strictly inside the bounds,
+  as a fraction of the range, ``|z − round z| / steps`` (the unit of EWGS's error,
+  ``RoundContext.error``; at most ``1 / (2 steps)``);
+- ``flips_per_weight``: the number of times a weight's quantized value changed from one
+  optimizer step to the next during the epoch, divided by the number of weights (the
+  first step of a run is compared with the weights before training);
+- ``delta_weight`` / ``delta_input``: δ of the layer's weight and input round sites at
+  the end of the epoch (``delta_input`` null when the input is not quantized).
+
+``clip_fraction`` and ``error`` are means over the states after each optimizer step of
+the epoch (``steps`` of them). The epoch's means over all layers (weighted by the number
+of weights, or of latents inside the bounds for ``error``) are also logged as metrics:
+``mechanism_clip_fraction``, ``mechanism_error``, ``mechanism_flips_per_weight``.
+
+Cost: after every optimizer step, one forward of the weight quantizers without gradient
+(the round site's ``observer`` hands over the latent in level units, the rounded levels
+and the clip bounds, whatever the method) and a few element-wise reductions, accumulated
+on the device: no host synchronisation until the epoch ends. Only the main process
+(rank 0 under torchrun) measures and writes; the rows are checkpointed, so a resumed run
+writes the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .callbacks import write_atomic
+from .hookspecs import hookimpl
+from .quant import Quantizer, quantized_layers
+
+MECHANISM_FILE = "mechanism.jsonl"
+
+
+class SiteView(NamedTuple):
+    """What a round site saw in one call: the latent (level units), the rounded levels,
+    the number of steps of the range and the clip bounds (None: no bounds)."""
+
+    latent: Tensor
+    rounded: Tensor
+    steps: int
+    low: float | None
+    high: float | None
+
+
+@torch.no_grad()
+def observe(quantizer: Quantizer, x: Tensor) -> SiteView:
+    """What ``quantizer``'s round site sees when it quantizes ``x``: one forward without
+    gradient with the site's ``observer`` set (and unset afterwards). Nothing of the
+    quantizer changes."""
+    seen: list[SiteView] = []
+    site = quantizer.round_site
+    site.observer = lambda *call: seen.append(SiteView(*call))
+    try:
+        quantizer(x)
+    finally:
+        site.observer = None
+    if not seen:
+        raise RuntimeError(f"{type(quantizer).__name__} did not call its round site")
+    return seen[-1]
+
+
+class _Accumulator:
+    """One layer's sums over the steps of an epoch, kept on the device."""
+
+    def __init__(self, like: Tensor) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=like.device)
+        self.clipped, self.inside, self.flips = zero.clone(), zero.clone(), zero.clone()
+        self.error = torch.zeros((), dtype=torch.float32, device=like.device)
+        #: whether the site has clip bounds
+        self.bounded = False
+
+    def add(self, view: SiteView, previous: Tensor | None) -> None:
+        latent, rounded = view.latent, view.rounded
+        self.bounded = view.low is not None
+        if view.low is None:
+            inside = torch.ones_like(latent, dtype=torch.bool)
+        else:
+            inside = (latent > view.low) & (latent < view.high)
+            self.clipped += latent.numel() - inside.sum()
+        self.inside += inside.sum()
+        # inside the bounds round(clip z) = round z, so this is |z - round z| / steps
+        self.error += torch.where(inside, (latent - rounded).abs(), 0.0).sum() / view.steps
+        if previous is not None and previous.shape == rounded.shape:
+            self.flips += (rounded != previous).sum()
+
+    def totals(self) -> Tensor:
+        return torch.stack(
+            [self.clipped.double(), self.inside.double(), self.error.double(), self.flips.double()]
+        )
+
+
+class Mechanism:
+    """The training callback ``mechanism`` (no options): see the module's docstring."""
+
+    FILE = MECHANISM_FILE
+
+    def __init__(self) -> None:
+        #: one row per finished epoch, as written to mechanism.jsonl
+        self.history: list[dict[str, Any]] = []
+        self._codes: dict[str, Tensor] = {}
+        self._sums: dict[str, _Accumulator] = {}
+        self._observed = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": json.loads(json.dumps(self.history))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state["history"])
+
+    @staticmethod
+    def _layers(model: nn.Module) -> dict[str, nn.Module]:
+        """The quantized layers whose weights are quantized."""
+        return {n: m for n, m in quantized_layers(model).items() if m.weight_quantizer.enabled}
+
+    def _observe(self, model: nn.Module, accumulate: bool) -> None:
+        """Observe every weight quantizer; add to the epoch's sums if ``accumulate``,
+        and keep the codes for the next step's flips."""
+        for name, layer in self._layers(model).items():
+            view = observe(layer.weight_quantizer, layer.weight.detach())
+            if accumulate:
+                if name not in self._sums:
+                    self._sums[name] = _Accumulator(view.latent)
+                self._sums[name].add(view, self._codes.get(name))
+            self._codes[name] = view.rounded
+
+    @hookimpl
+    def ewgs_train_start(self, trainer: Any) -> None:
+        if not distributed.is_main():
+            return
+        self._observe(trainer.model, accumulate=False)  # the codes before the first step
+        self._write(trainer.run_dir)  # on resume: drop anything logged after the checkpoint
+
+    @hookimpl
+    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self._sums, self._observed = {}, 0
+
+    @hookimpl
+    def ewgs_step_end(self, trainer: Any) -> None:
+        if not distributed.is_main():
+            return
+        self._observe(trainer.model, accumulate=True)
+        self._observed += 1
+
+    @hookimpl
+    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        if not distributed.is_main() or not self._observed:
+            return
+        layers = self._layers(trainer.model)
+        names = [name for name in layers if name in self._sums]
+        totals = torch.stack([self._sums[n].totals() for n in names]).cpu().tolist()  # one sync
+        rows: dict[str, dict[str, Any]] = {}
+        for name, (clipped, inside, error, flips) in zip(names, totals):
+            layer, weights = layers[name], layers[name].weight.numel()
+            rows[name] = {
+                "weights": weights,
+                "clip_fraction": clipped / (weights * self._observed)
+                if self._sums[name].bounded
+                else None,
+                "error": error / inside if inside else None,
+                "flips_per_weight": flips / weights,
+                "delta_weight": float(layer.weight_quantizer.round_site.delta),
+                "delta_input": float(layer.input_quantizer.round_site.delta)
+                if layer.input_quantizer.enabled
+                else None,
+            }
+        self.history.append(
+            {"epoch": epoch, "step": trainer.step, "steps": self._observed, "layers": rows}
+        )
+        metrics.update(summarize(rows))
+        self._write(trainer.run_dir)
+
+    def _write(self, run_dir: Path) -> None:
+        write_atomic(run_dir / self.FILE, "".join(json.dumps(row) + "\n" for row in self.history))
+
+
+def summarize(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The means over all layers of one epoch's row: clip fraction and flips weighted by
+    the number of weights, error by the number of latents inside the bounds."""
+    weights = sum(row["weights"] for row in layers.values())
+    result: dict[str, float] = {}
+    if not weights:
+        return result
+    result["mechanism_flips_per_weight"] = (
+        sum(row["flips_per_weight"] * row["weights"] for row in layers.values()) / weights
+    )
+    bounded = [row for row in layers.values() if row["clip_fraction"] is not None]
+    if bounded:
+        result["mechanism_clip_fraction"] = sum(
+            row["clip_fraction"] * row["weights"] for row in bounded
+        ) / sum(row["weights"] for row in bounded)
+    inside = {
+        name: (1.0 - (row["clip_fraction"] or 0.0)) * row["weights"]
+        for name, row in layers.items()
+        if row["error"] is not None
+    }
+    if sum(inside.values()) > 0:
+        result["mechanism_error"] = sum(
+            layers[name]["error"] * count for name, count in inside.items()
+        ) / sum(inside.values())
+    return result
+
+
+def read_mechanism(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``mechanism.jsonl`` ([] if the run has none)."""
+    path = Path(run_dir) / MECHANISM_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -------------------------------------------------------------------------- plots
+
+#: what the plots show, row by row: (key in a layer's row, axis label)
+PLOTTED = (
+    ("clip_fraction", "latents at/beyond clip"),
+    ("error", "mean |x_n − x_q|"),
+    ("flips_per_weight", "flips per weight"),
+    ("delta_weight", "δ (weights)"),
+)
+
+
+class RunLike(Protocol):
+    """What the plots read of a run (``report.RunResult`` is one)."""
+
+    path: Path
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def backward(self) -> str: ...
+
+    @property
+    def bits(self) -> str: ...
+
+
+def mean_curves(run_dirs: Sequence[Path], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per layer: (epochs counted from 1, ``key`` averaged over the runs) for the epochs
+    every run has; layers or epochs where ``key`` is null are left out."""
+    histories = [read_mechanism(path) for path in run_dirs]
+    length = min(len(rows) for rows in histories)
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for index in range(length):
+        epoch = int(histories[0][index]["epoch"]) + 1
+        for layer in histories[0][index]["layers"]:
+            values = [rows[index]["layers"].get(layer, {}).get(key) for rows in histories]
+            if any(value is None for value in values):
+                continue
+            epochs, means = curves.setdefault(layer, ([], []))
+            epochs.append(epoch)
+            means.append(statistics.fmean(values))
+    return curves
+
+
+def plot_mechanism(columns: Mapping[str, Sequence[Path]], path: Path, title: str = "") -> Path:
+    """One figure: a column per label (STE, EWGS, ...; each the mean over its runs, the
+    seeds), a row per quantity of ``PLOTTED``, one line per layer coloured by depth
+    (first layer dark, last light). Rows share their y axis, so columns compare."""
+    from matplotlib.figure import Figure  # the Agg canvas; no pyplot, no display
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(3.6 * len(columns) + 1.5, 2.6 * len(PLOTTED)), layout="constrained")
+    grid = figure.subplots(len(PLOTTED), len(columns), squeeze=False, sharex=True, sharey="row")
+    from matplotlib import colormaps
+
+    shades = colormaps["viridis"]
+    for column, (label, run_dirs) in enumerate(columns.items()):
+        for row, (key, axis_label) in enumerate(PLOTTED):
+            axis = grid[row][column]
+            curves = mean_curves(run_dirs, key)
+            for index, (layer, (epochs, values)) in enumerate(curves.items()):
+                shade = index / max(1, len(curves) - 1)
+                axis.plot(epochs, values, color=shades(0.9 * shade), lw=1, label=layer)
+            if not curves:
+                axis.text(
+                    0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes
+                )
+            if row == 0:
+                heading = textwrap.fill(f"{label} (n={len(run_dirs)})", 48)
+                axis.set_title(heading, fontsize="small")
+            if column == 0:
+                axis.set_ylabel(axis_label)
+            if row == len(PLOTTED) - 1:
+                axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = grid[0][-1].get_legend_handles_labels()
+    if handles:
+        figure.legend(
+            handles,
+            labels,
+            loc="outside right center",
+            fontsize="x-small",
+            title="layer",
+            title_fontsize="small",
+        )
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _file_name(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(p for p in parts if p)) + ".png"
+
+
+def plot_mechanism_runs(
+    runs: Sequence[RunLike], directory: Path, settings: Callable[[Any], str]
+) -> list[Path]:
+    """``plot_mechanism`` for every method × bits among ``runs`` that has mechanism data:
+    a column per backward rule and ``settings(run)`` (the other recipe keys that vary,
+    say the δ arm), the runs of a column being its seeds. STE columns come first.
+    Returns the figures written into ``directory``."""
+    measured = [run for run in runs if (Path(run.path) / MECHANISM_FILE).is_file()]
+    measured = [run for run in measured if read_mechanism(run.path)]
+    written: list[Path] = []
+    for method, bits in sorted({(run.method, run.bits) for run in measured}):
+        columns: dict[str, list[Path]] = {}
+        chosen = [run for run in measured if (run.method, run.bits) == (method, bits)]
+        order = {"ste": 0, "ewgs": 1}
+        for run in sorted(chosen, key=lambda r: (order.get(r.backward, 2), settings(r))):
+            label = " ".join(filter(None, [run.backward.upper(), settings(run)]))
+            columns.setdefault(label, []).append(Path(run.path))
+        path = directory / _file_name("mechanism", method, bits)
+        written.append(plot_mechanism(columns, path, title=f"{method} {bits}: per layer"))
+    return written
