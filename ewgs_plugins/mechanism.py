@@ -81,34 +81,32 @@ def observe(quantizer: Quantizer, x: Tensor) -> SiteView:
     return seen[-1]
 
 
-class _Accumulator:
-    """One layer's sums over the steps of an epoch, kept on the device."""
+class _Layout:
+    """The weight quantizers' latents side by side in one flat tensor: which layer each
+    element belongs to, and its clip bounds and steps, so one step's statistics of every
+    layer take a fixed handful of element-wise passes and one ``index_add_``."""
 
-    def __init__(self, like: Tensor) -> None:
-        zero = torch.zeros((), dtype=torch.int64, device=like.device)
-        self.clipped, self.inside, self.flips = zero.clone(), zero.clone(), zero.clone()
-        self.error = torch.zeros((), dtype=torch.float32, device=like.device)
-        #: whether the site has clip bounds
-        self.bounded = False
+    def __init__(self, views: Mapping[str, SiteView]) -> None:
+        self.names = list(views)
+        self.sizes = [view.latent.numel() for view in views.values()]
+        self.bounded = [view.low is not None for view in views.values()]
+        self.key = self.describe(views)
+        device = next(iter(views.values())).latent.device
 
-    def add(self, view: SiteView, previous: Tensor | None) -> None:
-        latent, rounded = view.latent, view.rounded
-        self.bounded = view.low is not None
-        if view.low is None:
-            inside = torch.ones_like(latent, dtype=torch.bool)
-        else:
-            inside = (latent > view.low) & (latent < view.high)
-            self.clipped += latent.numel() - inside.sum()
-        self.inside += inside.sum()
-        # inside the bounds round(clip z) = round z, so this is |z - round z| / steps
-        self.error += torch.where(inside, (latent - rounded).abs(), 0.0).sum() / view.steps
-        if previous is not None and previous.shape == rounded.shape:
-            self.flips += (rounded != previous).sum()
+        def per_element(values: list[float]) -> Tensor:
+            return torch.repeat_interleave(
+                torch.tensor(values, device=device), torch.tensor(self.sizes, device=device)
+            )
 
-    def totals(self) -> Tensor:
-        return torch.stack(
-            [self.clipped.double(), self.inside.double(), self.error.double(), self.flips.double()]
-        )
+        self.ids = per_element([float(i) for i in range(len(self.names))]).long()
+        inf = float("inf")
+        self.low = per_element([-inf if v.low is None else v.low for v in views.values()])
+        self.high = per_element([inf if v.high is None else v.high for v in views.values()])
+        self.inverse_steps = per_element([1.0 / view.steps for view in views.values()])
+
+    @staticmethod
+    def describe(views: Mapping[str, SiteView]) -> tuple:
+        return tuple((n, v.latent.numel(), v.steps, v.low, v.high) for n, v in views.items())
 
 
 class Mechanism:
@@ -119,8 +117,12 @@ class Mechanism:
     def __init__(self) -> None:
         #: one row per finished epoch, as written to mechanism.jsonl
         self.history: list[dict[str, Any]] = []
-        self._codes: dict[str, Tensor] = {}
-        self._sums: dict[str, _Accumulator] = {}
+        self._layout: _Layout | None = None
+        #: the levels after the last observation, all layers flat (None: none yet)
+        self._codes: Tensor | None = None
+        #: per layer (columns): the epoch's sums of [clipped latents, |error| of the
+        #: latents inside, flips] over the observed steps
+        self._sums: Tensor | None = None
         self._observed = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,15 +137,39 @@ class Mechanism:
         return {n: m for n, m in quantized_layers(model).items() if m.weight_quantizer.enabled}
 
     def _observe(self, model: nn.Module, accumulate: bool) -> None:
-        """Observe every weight quantizer; add to the epoch's sums if ``accumulate``,
-        and keep the codes for the next step's flips."""
-        for name, layer in self._layers(model).items():
-            view = observe(layer.weight_quantizer, layer.weight.detach())
-            if accumulate:
-                if name not in self._sums:
-                    self._sums[name] = _Accumulator(view.latent)
-                self._sums[name].add(view, self._codes.get(name))
-            self._codes[name] = view.rounded
+        """Observe every weight quantizer; add this state to the epoch's sums if
+        ``accumulate``, and keep the levels for the next step's flips."""
+        views = {
+            name: observe(layer.weight_quantizer, layer.weight.detach())
+            for name, layer in self._layers(model).items()
+        }
+        if not views:
+            return
+        layout = self._layout
+        if layout is None or layout.key != _Layout.describe(views):
+            same_layers = layout is not None and (layout.names, layout.sizes) == (
+                list(views),
+                [v.latent.numel() for v in views.values()],
+            )
+            layout = self._layout = _Layout(views)
+            if not same_layers:  # other layers quantized: the epoch's sums start afresh
+                self._codes, self._sums, self._observed = None, None, 0
+        latent = torch.cat([view.latent.reshape(-1) for view in views.values()])
+        rounded = torch.cat([view.rounded.reshape(-1) for view in views.values()])
+        if accumulate:
+            clipped = ~((latent > layout.low) & (latent < layout.high))
+            # inside the bounds round(clip z) = round z: this is |z - round z| / steps
+            error = torch.where(clipped, 0.0, (latent - rounded).abs() * layout.inverse_steps)
+            flips = rounded != self._codes if self._codes is not None else torch.zeros_like(clipped)
+            values = torch.stack([clipped.to(error.dtype), error, flips.to(error.dtype)])
+            step = torch.zeros(3, len(layout.names), dtype=error.dtype, device=error.device)
+            step.index_add_(1, layout.ids, values)
+            if self._sums is None:
+                # float64 over an epoch where the device has it (counts stay exact)
+                wide = torch.float32 if latent.device.type == "mps" else torch.float64
+                self._sums = torch.zeros_like(step, dtype=wide)
+            self._sums += step
+        self._codes = rounded
 
     @hookimpl
     def ewgs_train_start(self, trainer: Any) -> None:
@@ -154,7 +180,7 @@ class Mechanism:
 
     @hookimpl
     def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
-        self._sums, self._observed = {}, 0
+        self._sums, self._observed = None, 0
 
     @hookimpl
     def ewgs_step_end(self, trainer: Any) -> None:
@@ -165,21 +191,20 @@ class Mechanism:
 
     @hookimpl
     def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
-        if not distributed.is_main() or not self._observed:
+        if not distributed.is_main() or self._sums is None or self._layout is None:
             return
-        layers = self._layers(trainer.model)
-        names = [name for name in layers if name in self._sums]
-        totals = torch.stack([self._sums[n].totals() for n in names]).cpu().tolist()  # one sync
+        layers, layout = quantized_layers(trainer.model), self._layout
+        clipped, error, flips = self._sums.cpu().tolist()  # the epoch's one synchronisation
         rows: dict[str, dict[str, Any]] = {}
-        for name, (clipped, inside, error, flips) in zip(names, totals):
-            layer, weights = layers[name], layers[name].weight.numel()
+        for index, (name, weights) in enumerate(zip(layout.names, layout.sizes)):
+            observed = weights * self._observed
+            inside = observed - clipped[index]
+            layer = layers[name]
             rows[name] = {
                 "weights": weights,
-                "clip_fraction": clipped / (weights * self._observed)
-                if self._sums[name].bounded
-                else None,
-                "error": error / inside if inside else None,
-                "flips_per_weight": flips / weights,
+                "clip_fraction": clipped[index] / observed if layout.bounded[index] else None,
+                "error": error[index] / inside if inside else None,
+                "flips_per_weight": flips[index] / weights,
                 "delta_weight": float(layer.weight_quantizer.round_site.delta),
                 "delta_input": float(layer.input_quantizer.round_site.delta)
                 if layer.input_quantizer.enabled
