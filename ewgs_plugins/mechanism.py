@@ -45,12 +45,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .callbacks import write_atomic
+from . import distributed, rundir
 from .hookspecs import hookimpl
 from .quant import Quantizer, quantized_layers
-
-MECHANISM_FILE = "mechanism.jsonl"
 
 
 class SiteView(NamedTuple):
@@ -111,8 +108,6 @@ class _Layout:
 
 class Mechanism:
     """The training callback ``mechanism`` (no options): see the module's docstring."""
-
-    FILE = MECHANISM_FILE
 
     def __init__(self) -> None:
         #: one row per finished epoch, as written to mechanism.jsonl
@@ -217,7 +212,7 @@ class Mechanism:
         self._write(trainer.run_dir)
 
     def _write(self, run_dir: Path) -> None:
-        write_atomic(run_dir / self.FILE, "".join(json.dumps(row) + "\n" for row in self.history))
+        rundir.write_jsonl(run_dir / rundir.MECHANISM, self.history)
 
 
 def summarize(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -245,14 +240,6 @@ def summarize(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
             layers[name]["error"] * count for name, count in inside.items()
         ) / sum(inside.values())
     return result
-
-
-def read_mechanism(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``mechanism.jsonl`` ([] if the run has none)."""
-    path = Path(run_dir) / MECHANISM_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # -------------------------------------------------------------------------- plots
@@ -284,7 +271,7 @@ class RunLike(Protocol):
 def mean_curves(run_dirs: Sequence[Path], key: str) -> dict[str, tuple[list[int], list[float]]]:
     """Per layer: (epochs counted from 1, ``key`` averaged over the runs) for the epochs
     every run has; layers or epochs where ``key`` is null are left out."""
-    histories = [read_mechanism(path) for path in run_dirs]
+    histories = [rundir.read_mechanism(path) for path in run_dirs]
     length = min(len(rows) for rows in histories)
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for index in range(length):
@@ -358,8 +345,7 @@ def plot_mechanism_runs(
     a column per backward rule and ``settings(run)`` (the other recipe keys that vary,
     say the δ arm), the runs of a column being its seeds. STE columns come first.
     Returns the figures written into ``directory``."""
-    measured = [run for run in runs if (Path(run.path) / MECHANISM_FILE).is_file()]
-    measured = [run for run in measured if read_mechanism(run.path)]
+    measured = [run for run in runs if rundir.read_mechanism(Path(run.path))]
     written: list[Path] = []
     for method, bits in sorted({(run.method, run.bits) for run in measured}):
         columns: dict[str, list[Path]] = {}

@@ -16,9 +16,10 @@ from torch import nn
 from toys import digits_recipe, toy_plugins
 
 from ewgs_plugins import RoundSite, distributed, quantize_model
-from ewgs_plugins.mechanism import MECHANISM_FILE, Mechanism, observe, read_mechanism
+from ewgs_plugins.mechanism import Mechanism, observe
 from ewgs_plugins.recipe import expand_runs
 from ewgs_plugins.report import write_report
+from ewgs_plugins.rundir import MECHANISM, read_mechanism
 from ewgs_plugins.train import Trainer
 
 # The interval method at W2 with l = -1, u = 1: the latent is z = 1.5 w + 1.5 (level
@@ -176,7 +177,7 @@ def test_only_the_main_process_measures_and_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     callback, metrics = drive(interval_layer([0.1, 0.9]), tmp_path, [[0.1, 0.9], [0.9, 0.1]])
     assert callback.history == [] and metrics == {}
-    assert not (tmp_path / MECHANISM_FILE).exists()
+    assert not (tmp_path / MECHANISM).exists()
 
 
 # ------------------------------------------------------------------ through the trainer
