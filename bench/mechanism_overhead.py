@@ -4,7 +4,9 @@ ResNet-20 (CIFAR-10 shapes, random data), the interval method at W1A1 under EWGS
 the paper's fixed δ, Adam as the recipe trains it. Each repeat times, interleaved, a
 plain training step and the callback's per-step work (one forward of the weight
 quantizers without gradient, the clip/error/flip sums accumulated on the device), so
-each repeat gives a paired ratio; the median and the range over repeats are printed.
+each repeat gives a paired ratio; the median and the range over repeats are printed,
+with the CPU time of a step (this process's, all threads: on a shared machine the wall
+time inflates with the load, the CPU time much less so with ``--threads 1``).
 
     python bench/mechanism_overhead.py                  # batch 256, on CUDA if present
     python bench/mechanism_overhead.py --batch 128 --repeats 5 --steps 3
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps timed per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -69,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         F.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
 
+    cpu: list[float] = []
+
     def timed(work) -> float:
         synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             work()
         synchronize(device)
+        if work is train_step:
+            cpu.append((time.process_time() - start_cpu) / args.steps)
         return (time.perf_counter() - start) / args.steps
 
     train_step()  # warm-up
@@ -87,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     median = statistics.median(ratios)
     print(f"device {device}, batch {args.batch}, {args.repeats} repeats x {args.steps} steps")
     print(f"training step     {1e3 * statistics.median(steps):8.1f} ms (median)")
+    print(f"  its CPU time    {1e3 * statistics.median(cpu):8.1f} ms (median, all threads)")
     print(f"mechanism / step  {1e3 * statistics.median(observations):8.2f} ms (median)")
     print(
         f"overhead          {100 * median:8.2f} % of a step "
