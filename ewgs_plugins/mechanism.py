@@ -290,13 +290,12 @@ def plot_mechanism(columns: Mapping[str, Sequence[Path]], path: Path, title: str
     """One figure: a column per label (STE, EWGS, ...; each the mean over its runs, the
     seeds), a row per quantity of ``PLOTTED``, one line per layer coloured by depth
     (first layer dark, last light). Rows share their y axis, so columns compare."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # the Agg canvas; no pyplot, no display
     from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(3.6 * len(columns) + 1.5, 2.6 * len(PLOTTED)), layout="constrained")
     grid = figure.subplots(len(PLOTTED), len(columns), squeeze=False, sharex=True, sharey="row")
-    from matplotlib import colormaps
-
     shades = colormaps["viridis"]
     for column, (label, run_dirs) in enumerate(columns.items()):
         for row, (key, axis_label) in enumerate(PLOTTED):
@@ -343,17 +342,25 @@ def plot_mechanism_runs(
 ) -> list[Path]:
     """``plot_mechanism`` for every method × bits among ``runs`` that has mechanism data:
     a column per backward rule and ``settings(run)`` (the other recipe keys that vary,
-    say the δ arm), the runs of a column being its seeds. STE columns come first.
+    say the δ protocol), the runs of a column being its seeds; STE columns first. A
+    column is labelled by its runs' directory name without the seed (``ewgs-paper`` for
+    ``ewgs-paper-seed0``, ``-seed1``, ...) when they share one, else by its settings.
     Returns the figures written into ``directory``."""
     measured = [run for run in runs if rundir.read_mechanism(Path(run.path))]
+    order = {"ste": 0, "ewgs": 1}
     written: list[Path] = []
     for method, bits in sorted({(run.method, run.bits) for run in measured}):
-        columns: dict[str, list[Path]] = {}
+        groups: dict[tuple[str, str], list[RunLike]] = {}
         chosen = [run for run in measured if (run.method, run.bits) == (method, bits)]
-        order = {"ste": 0, "ewgs": 1}
         for run in sorted(chosen, key=lambda r: (order.get(r.backward, 2), settings(r))):
-            label = " ".join(filter(None, [run.backward.upper(), settings(run)]))
-            columns.setdefault(label, []).append(Path(run.path))
+            groups.setdefault((run.backward, settings(run)), []).append(run)
+        columns: dict[str, list[Path]] = {}
+        for (backward, setting), group in groups.items():
+            names = {re.sub(r"(^|-)seed\d+", "", Path(run.path).name) for run in group}
+            label = names.pop() if len(names) == 1 else ""
+            if not label or label in columns:
+                label = " ".join(filter(None, [backward.upper(), setting]))
+            columns[label] = [Path(run.path) for run in group]
         path = directory / _file_name("mechanism", method, bits)
         written.append(plot_mechanism(columns, path, title=f"{method} {bits}: per layer"))
     return written
