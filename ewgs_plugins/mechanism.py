@@ -315,6 +315,8 @@ def plot_mechanism(columns: Mapping[str, Sequence[Path]], path: Path, title: str
                 axis.set_ylabel(axis_label)
             if row == len(PLOTTED) - 1:
                 axis.set_xlabel("epoch")
+            if key == "delta_weight":  # δ spans decades (the paper's fixed 1e-3 to ~0.1)
+                axis.set_yscale("symlog", linthresh=1e-4)
             axis.grid(alpha=0.3)
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = grid[0][-1].get_legend_handles_labels()
