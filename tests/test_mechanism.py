@@ -217,6 +217,6 @@ def test_resume_writes_the_same_mechanism_file_and_report_plots_it(tmp_path):
     assert all("mechanism_flips_per_weight" in row for row in metrics)
 
     (tmp_path / "resumed" / "metrics.jsonl").unlink()  # one run per side in the report
-    report = write_report(tmp_path).read_text()
+    report = write_report(tmp_path).markdown.read_text()
     assert "![mechanism_toy_W2A2](mechanism_toy_W2A2.png)" in report
     assert (tmp_path / "mechanism_toy_W2A2.png").stat().st_size > 10_000
