@@ -87,13 +87,12 @@ class _Layout:
         self.bounded = [view.low is not None for view in views.values()]
         self.key = self.describe(views)
         device = next(iter(views.values())).latent.device
+        sizes = torch.tensor(self.sizes, device=device)
 
         def per_element(values: list[float]) -> Tensor:
-            return torch.repeat_interleave(
-                torch.tensor(values, device=device), torch.tensor(self.sizes, device=device)
-            )
+            return torch.repeat_interleave(torch.tensor(values, device=device), sizes)
 
-        self.ids = per_element([float(i) for i in range(len(self.names))]).long()
+        self.ids = torch.repeat_interleave(torch.arange(len(self.names), device=device), sizes)
         inf = float("inf")
         self.low = per_element([-inf if v.low is None else v.low for v in views.values()])
         self.high = per_element([inf if v.high is None else v.high for v in views.values()])

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .backward import BackwardRule, RoundContext, StraightThrough
 
 #: ``observer(latent, rounded, steps, low, high)``: see ``RoundSite.observer``
-RoundObserver = Callable[[Tensor, Tensor, int, "float | None", "float | None"], None]
+RoundObserver = Callable[[Tensor, Tensor, int, float | None, float | None], None]
 
 _OPEN_BOUNDS: dict[tuple[float, float, torch.dtype], tuple[float, float]] = {}
 
