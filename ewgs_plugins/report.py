@@ -103,9 +103,13 @@ def _notes(analysis: Analysis, root: Path) -> list[str]:
             "seed whose recipe differs only in the backward rule and δ; those rows' differences "
             "share this side and are not independent):",
         ]
+        position = {id(group): i for i, group in enumerate(analysis.groups, start=1)}
+        by_rows: dict[str, list[str]] = {}
         for run, groups in shared:
-            rows = "; ".join(group.label for group in groups)
-            lines.append(f"- {run.name(root)} (seed {run.seed}): {len(groups)} rows: {rows}")
+            rows = ", ".join(str(position[id(group)]) for group in groups)
+            by_rows.setdefault(rows, []).append(run.name(root))
+        for rows, names in by_rows.items():
+            lines.append(f"- {', '.join(names)}: the table's rows {rows} (from the top)")
     unpaired = [(run, why) for group in analysis.groups for run, why in group.unpaired]
     if unpaired:
         lines += ["", f"Unpaired runs ({len(unpaired)}, in no pair; in the per-rule columns only):"]

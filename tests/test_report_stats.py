@@ -411,7 +411,8 @@ def test_one_ste_run_per_seed_is_the_baseline_of_every_delta_arm(tmp_path, capsy
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Shared STE runs (3, each the baseline of several rows:" in out
-    assert "- ste-seed1 (seed 1): 3 rows: delta." in out and "Unpaired runs" not in out
+    assert "- ste-seed0, ste-seed1, ste-seed2: the table's rows 1, 2, 3 (from the top)\n" in out
+    assert "Unpaired runs" not in out
     assert out.count("| 51.00 ± 1.00 (n=3) |") == 3  # the STE column of every row
     summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
     assert summary["version"] == 2
