@@ -19,9 +19,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import distributed
+from . import distributed, export, rundir
 from .errors import ConfigError, EwgsError, TrainingError
+from .recipe import load_recipe, load_runs
 from .registry import KINDS, registry
+from .report import find_runs, table, write_report
+from .summary import summary_markdown
+from .train import Trainer, finished_run
 
 
 def _say(*text: object) -> None:
@@ -56,9 +60,6 @@ def _source(recipe: str) -> Iterator[None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .train import Trainer, finished_run
-
     recipe = load_recipe(args.recipe, args.overrides)
     with _source(args.recipe):
         finished = finished_run(recipe)
@@ -72,10 +73,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .recipe import load_runs
-    from .report import find_runs, table, write_report
-    from .train import Trainer, finished_run
-
     runs = load_runs(args.recipe, args.overrides)
     first = runs[0]
     base = Path(first.recipe.output or "")
@@ -117,8 +114,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import find_runs, table, write_report
-
     report = write_report(args.run_dir)
     print(table(find_runs(args.run_dir)))
     print(f"\nreport: {report}")
@@ -126,8 +121,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export
-
     if args.format == "int":
         path = export.export_int(args.run_dir, args.out, args.checkpoint)
         print(f"int export: {path} (manifest {path.with_suffix('.json')})")
@@ -142,13 +135,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from .export import load_run
-    from .summary import SUMMARY_FILE, summary_markdown
-
-    run = load_run(args.run_dir, args.checkpoint)
+    run = export.load_run(args.run_dir, args.checkpoint)
     text = summary_markdown(run.model, f"{run.run_dir.name}: {run.checkpoint.name}")
     print(text)
-    (run.run_dir / SUMMARY_FILE).write_text(text)
+    rundir.write_atomic(run.run_dir / rundir.SUMMARY, text)
     return 0
 
 

@@ -34,23 +34,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import rundir
 from .errors import ConfigError, ExportError
 from .quant import (
     IntegerMap,
     QuantConv2d,
     Quantizer,
     QuantLinear,
-    quantize_model,
     quantized_layers,
     quantizer_bits,
     set_quantizer_bits,
 )
+from .recipe.schema import Recipe, parse_section
+from .registry import registry
+from .train.model import quantized_model
 
 INT_FORMAT = "ewgs-int-1"
-#: the files ``export`` writes into the run directory by default
-INT_TENSORS = "model_int.safetensors"
-ONNX_FILE = "model.onnx"
-CHECKPOINTS = {"last": "checkpoint_last.pt", "best": "checkpoint_best.pt"}
+CHECKPOINTS = {"last": rundir.CHECKPOINT_LAST, "best": rundir.CHECKPOINT_BEST}
 EXPORT_EXTRA = 'pip install "ewgs-plugins[export]"'
 #: ONNX opset: QuantizeLinear/DequantizeLinear per channel (13), Round, Clip
 ONNX_OPSET = 17
@@ -84,8 +84,6 @@ def container_dtype(low: int, high: int) -> torch.dtype:
 
 
 def _method_label(layer: QuantConv2d | QuantLinear) -> str:
-    from .registry import registry
-
     entry = registry().entries("method").get(layer.method_name)
     plugin = f" (plugin {entry.plugin})" if entry is not None else ""
     return f"method {layer.method_name!r}{plugin}"
@@ -131,34 +129,26 @@ class TrainedRun:
 
     run_dir: Path
     checkpoint: Path
-    recipe: Any
+    recipe: Recipe
     num_classes: int
     model: nn.Module
 
 
-def recipe_from_dict(data: dict[str, Any], source: str) -> Any:
+def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     """The resolved recipe a checkpoint holds, checked (its files are not looked for:
     a run can be exported where its data is not)."""
-    from .recipe import Recipe, _parse_section
-
     try:
-        return _parse_section(Recipe, data, "")
+        recipe = parse_section(Recipe, data, "")
     except ConfigError as error:
         raise ConfigError(error.key_path, error.message, source) from None
+    assert isinstance(recipe, Recipe)
+    return recipe
 
 
-def build_quantized_model(recipe: Any, num_classes: int) -> nn.Module:
+def build_quantized_model(recipe: Recipe, num_classes: int) -> nn.Module:
     """The recipe's model converted as the trainer converts it (its weights and
     quantizer parameters are the caller's to load)."""
-    return quantize_model(
-        recipe.make_model(num_classes),
-        recipe.make_method(),
-        weight_bits=recipe.bits.weights,
-        activation_bits=recipe.bits.activations,
-        backward=recipe.make_backward(),
-        quantize_first_last=recipe.quantize_first_last,
-        inplace=True,
-    )
+    return quantized_model(recipe, num_classes, recipe.make_method(), recipe.make_backward())
 
 
 def classes_of(state_dict: dict[str, Tensor]) -> int:
@@ -179,7 +169,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> TrainedRun:
     if not path.is_file():
         raise ExportError(f"{path}: not found (is {run_dir} a run directory of `ewgs train`?)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = rundir.read_checkpoint(path)
         recipe = recipe_from_dict(state["recipe"], str(path))
         weights = state["model"]
     except ConfigError:
@@ -193,7 +183,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> TrainedRun:
     return TrainedRun(run_dir, path, recipe, num_classes, model.eval())
 
 
-def first_test_images(recipe: Any, count: int | None = None) -> tuple[Tensor, Tensor]:
+def first_test_images(recipe: Recipe, count: int | None = None) -> tuple[Tensor, Tensor]:
     """The first ``count`` (default all) images and labels of the recipe's test set."""
     test_set = recipe.make_dataset().test_set(recipe.data.root)
     count = len(test_set) if count is None else min(count, len(test_set))
@@ -258,7 +248,7 @@ def export_int(
         "layers": layers,
         "recipe": recipe.to_dict(),
     }
-    path = Path(out) if out is not None else run.run_dir / INT_TENSORS
+    path = Path(out) if out is not None else run.run_dir / rundir.INT_EXPORT
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=1)
     storage.save_file(tensors, str(path), metadata={"ewgs": text})
@@ -455,7 +445,7 @@ def export_onnx(
     require("onnx", "the ONNX export")
     run = load_run(run_dir, checkpoint)
     example, _ = first_test_images(run.recipe, 1)
-    return write_onnx(run.model, example, Path(out) if out else run.run_dir / ONNX_FILE)
+    return write_onnx(run.model, example, Path(out) if out else run.run_dir / rundir.ONNX_EXPORT)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from torch import nn
 from .errors import ExportError
 from .quant import FULL_PRECISION, IntegerMap, Quantizer, deltas, quantized_layers
 
-SUMMARY_FILE = "summary.md"
 FLOAT32_BYTES = 4
 #: the layers the summary lists: the quantized ones and those left full precision
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)

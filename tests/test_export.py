@@ -26,7 +26,8 @@ from ewgs_plugins.export import (
 )
 from ewgs_plugins.quant import initialize_quantizers, quantize_model, quantized_layers
 from ewgs_plugins.recipe import expand_runs
-from ewgs_plugins.summary import SUMMARY_FILE, layer_summaries, model_sizes, summary_markdown
+from ewgs_plugins.rundir import SUMMARY
+from ewgs_plugins.summary import layer_summaries, model_sizes, summary_markdown
 from ewgs_plugins.train import Trainer
 
 METHODS = ("interval", "dorefa", "lsq", "profit")
@@ -157,7 +158,7 @@ def test_summary_reads_each_layer(trained, tmp_path, capsys) -> None:
     assert cli.main(["summary", run_dir]) == 0
     printed = capsys.readouterr().out
     assert "| 3 | interval | 2 | 2 |" in printed
-    assert (load_run(run_dir).run_dir / SUMMARY_FILE).read_text() in printed + "\n"
+    assert (load_run(run_dir).run_dir / SUMMARY).read_text() in printed + "\n"
 
 
 def test_cli_export_int_and_onnx(trained, tmp_path, capsys) -> None:
