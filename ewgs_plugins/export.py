@@ -339,27 +339,43 @@ class _DequantizeLinear(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
-def _qdq(imap: IntegerMap) -> bool:
-    """Whether ``imap`` is QuantizeLinear/DequantizeLinear's: an integer zero point and
-    codes in an 8-bit container."""
-    return imap.integer_zero_point and container_dtype(imap.low, imap.high) in _QDQ_DTYPES
+class _OnnxCodes(nn.Module):
+    """What an ONNX graph does with a quantizer's codes. Codes in an 8-bit container go
+    through DequantizeLinear: with the map's scale and zero point when that is the
+    method's own arithmetic (an integer zero point, and ``dequantize`` not overridden),
+    otherwise with unit scale, followed by the method's ``dequantize`` in plain ops (the
+    interval and DoReFa divide by 2^b − 1, which a multiply by the scale is not, bit for
+    bit). Wider codes are cast to float and decoded by the method's ``dequantize``."""
 
-
-class _OnnxWeight(nn.Module):
-    """A quantized weight as codes (an integer initializer) and the map back."""
-
-    def __init__(self, quantizer: Quantizer, imap: IntegerMap, codes: Tensor) -> None:
+    def __init__(self, quantizer: Quantizer, imap: IntegerMap) -> None:
         super().__init__()
         dtype = container_dtype(imap.low, imap.high)
-        self.quantizer, self.axis, self.qdq = quantizer, imap.axis, _qdq(imap)
-        self.register_buffer("codes", codes.to(dtype))
+        self.quantizer, self.axis = quantizer, imap.axis
+        self.eight_bit = dtype in _QDQ_DTYPES
+        own_arithmetic = type(quantizer).dequantize is Quantizer.dequantize
+        self.scaled = self.eight_bit and imap.integer_zero_point and own_arithmetic
         self.register_buffer("scale", imap.scale.float().clone())
         self.register_buffer("zero_point", imap.zero_point.to(dtype))
+        self.register_buffer("unit", torch.tensor(1.0))
+        self.register_buffer("zero", torch.tensor(0, dtype=dtype))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        if self.scaled:
+            return _DequantizeLinear.apply(codes, self.scale, self.zero_point, self.axis)
+        if self.eight_bit:
+            codes = _DequantizeLinear.apply(codes, self.unit, self.zero, None)
+        return self.quantizer.dequantize(codes)
+
+
+class _OnnxWeight(_OnnxCodes):
+    """A quantized weight: its codes (an integer initializer), decoded."""
+
+    def __init__(self, quantizer: Quantizer, imap: IntegerMap, codes: Tensor) -> None:
+        super().__init__(quantizer, imap)
+        self.register_buffer("codes", codes.to(container_dtype(imap.low, imap.high)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.qdq:
-            return _DequantizeLinear.apply(self.codes, self.scale, self.zero_point, self.axis)
-        return self.quantizer.dequantize(self.codes)
+        return self.decode(self.codes)
 
 
 class _TracedRound(nn.Module):
@@ -375,27 +391,21 @@ class _TracedRound(nn.Module):
         return self.levels
 
 
-class _OnnxInput(nn.Module):
-    """An input quantizer: the method's latent in plain ops, then its codes through
-    QuantizeLinear (unit scale: they are integers already) and DequantizeLinear with the
-    map, or the method's own arithmetic where the map is not QuantizeLinear's."""
+class _OnnxInput(_OnnxCodes):
+    """An input quantizer: the method's latent in plain ops (its forward, with the round
+    site as ``Clip`` and ``Round``), its codes through QuantizeLinear (unit scale: they
+    are integers already), decoded."""
 
     def __init__(self, quantizer: Quantizer, imap: IntegerMap) -> None:
-        super().__init__()
-        dtype = container_dtype(imap.low, imap.high)
-        self.quantizer, self.axis, self.qdq = quantizer, imap.axis, _qdq(imap)
+        super().__init__(quantizer, imap)
         quantizer.round_site = _TracedRound()
-        self.register_buffer("unit", torch.tensor(1.0))
-        self.register_buffer("integer", torch.tensor(0, dtype=dtype))
-        self.register_buffer("scale", imap.scale.float().clone())
-        self.register_buffer("zero_point", imap.zero_point.to(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         value = self.quantizer.quantize(x)
-        if not self.qdq:
+        if not self.eight_bit:
             return value
-        codes = _QuantizeLinear.apply(self.quantizer.round_site.levels, self.unit, self.integer)
-        return _DequantizeLinear.apply(codes, self.scale, self.zero_point, self.axis)
+        codes = _QuantizeLinear.apply(self.quantizer.round_site.levels, self.unit, self.zero)
+        return self.decode(codes)
 
 
 @torch.no_grad()
@@ -434,6 +444,8 @@ def write_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            # keep the weight codes as integer initializers (folding would decode them)
+            do_constant_folding=False,
         )
     return path
 
@@ -448,6 +460,10 @@ def export_onnx(
     return write_onnx(run.model, example, Path(out) if out else run.run_dir / rundir.ONNX_EXPORT)
 
 
+#: logits closer than this (relative) count as the same
+LOGIT_TOLERANCE = 1e-4
+
+
 @dataclass(frozen=True)
 class OnnxCheck:
     """onnxruntime against PyTorch on the same images."""
@@ -455,14 +471,21 @@ class OnnxCheck:
     images: int
     #: fraction of images whose top-1 class is the same
     top1_agreement: float
-    #: max over images of max|Δlogit| / max|logit| (PyTorch's)
-    max_relative: float
+    #: ‖Δlogits‖ / ‖logits‖ over all images (Frobenius norms)
+    relative: float
+    #: the worst image's max|Δlogit| / max|logit|
+    worst_image: float
+    #: images whose max|Δlogit| / max|logit| exceeds ``LOGIT_TOLERANCE``: a value on a
+    #: quantizer's rounding boundary that the two runtimes' float arithmetic (BatchNorm,
+    #: convolution sums) put on different levels
+    off_images: int
 
     def __str__(self) -> str:
         return (
             f"onnxruntime vs PyTorch on {self.images} test images: top-1 agrees on "
-            f"{100 * self.top1_agreement:.2f}%, max |Δlogit| / max |logit| = "
-            f"{self.max_relative:.2e}"
+            f"{100 * self.top1_agreement:.2f}%, logits relative difference "
+            f"{self.relative:.2e} (worst image {self.worst_image:.2e}; "
+            f"{self.off_images} images over {LOGIT_TOLERANCE:g})"
         )
 
 
@@ -474,7 +497,8 @@ def check_onnx(path: str | Path, model: nn.Module, inputs: Tensor) -> OnnxCheck:
     onnxruntime's graph optimisations stay on except its BatchNorm-into-Conv fusion
     (``ORT_UNEXACT_FUSIONS``): the fused kernel moves a convolution's output by an ulp,
     and a value on a rounding boundary of the next quantizer then lands on the other
-    level (on the 8-bit digits demo: logits 3e-4 apart instead of 2e-7)."""
+    level, in many images (on the 8-bit digits demo: logits 3e-4 apart instead of 2e-7).
+    Without it, the same can still happen to the odd value (``off_images``)."""
     runtime = require("onnxruntime", "checking the ONNX model")
     session = runtime.InferenceSession(
         str(path), providers=["CPUExecutionProvider"], disabled_optimizers=ORT_UNEXACT_FUSIONS
@@ -482,6 +506,13 @@ def check_onnx(path: str | Path, model: nn.Module, inputs: Tensor) -> OnnxCheck:
     expected = model.eval()(inputs).float()
     got = torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0])
     agree = (got.argmax(1) == expected.argmax(1)).float().mean()
-    scale = expected.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-    relative = ((got - expected).abs().amax(1) / scale).max()
-    return OnnxCheck(len(inputs), float(agree), float(relative))
+    difference = got - expected
+    tiny = torch.finfo(torch.float32).tiny
+    per_image = difference.abs().amax(1) / expected.abs().amax(1).clamp_min(tiny)
+    return OnnxCheck(
+        images=len(inputs),
+        top1_agreement=float(agree),
+        relative=float(difference.norm() / expected.norm().clamp_min(tiny)),
+        worst_image=float(per_image.max()),
+        off_images=int((per_image > LOGIT_TOLERANCE).sum()),
+    )

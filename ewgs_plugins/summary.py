@@ -88,7 +88,7 @@ def layer_summaries(model: nn.Module) -> list[LayerSummary]:
         input_map, input_floats = _describe(input_q)
         factor = 1 if layer.output_scale is not None else 0
         if factor:
-            weight_map += f" ·|α|={float(layer.output_scale.abs()):.4g}"
+            weight_map += f" ·|α|={float(layer.output_scale.detach().abs()):.4g}"
         packed = _bytes(weight_q.bits, weights) + FLOAT32_BYTES * (
             others + weight_floats + input_floats + factor
         )

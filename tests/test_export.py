@@ -84,7 +84,9 @@ def test_int_round_trip_is_bit_identical_and_onnxruntime_agrees(
     check = check_onnx(onnx_path, run.model, images)
     assert check.images == len(images) == 359
     assert check.top1_agreement == 1.0, check
-    assert check.max_relative <= 1e-4, check
+    assert check.relative <= 1e-4, check
+    # a value on a rounding boundary may land on the other level in the odd image
+    assert check.off_images <= 0.01 * check.images, check
 
 
 def test_the_int_file_holds_codes_in_the_narrowest_dtype_and_no_latent_weights(
@@ -122,17 +124,25 @@ def test_container_dtype_is_the_narrowest_that_holds_the_codes() -> None:
     assert container_dtype(-(2**20), 0) == torch.int32
 
 
-def test_the_onnx_graph_uses_qdq_where_the_zero_point_is_an_integer(trained, tmp_path) -> None:
+def test_the_onnx_graph_holds_integer_codes_and_uses_qdq_where_it_is_the_map(
+    trained, tmp_path
+) -> None:
     import onnx
+    from onnx import numpy_helper
 
-    def ops(method: str) -> set[str]:
+    def graph(method: str) -> tuple[set[str], list]:
         path = export_onnx(trained(method, "W2A2"), tmp_path / f"{method}.onnx")
-        return {node.op_type for node in onnx.load(str(path)).graph.node}
+        model = onnx.load(str(path)).graph
+        arrays = [numpy_helper.to_array(i) for i in model.initializer]
+        codes = [a for a in arrays if a.ndim == 4 and a.dtype.kind in "iu" and a.itemsize == 1]
+        return {node.op_type for node in model.node}, codes
 
-    lsq = ops("lsq")  # signed weights, unsigned inputs: integer zero points everywhere
-    assert {"QuantizeLinear", "DequantizeLinear", "Round", "Clip"} <= lsq
-    interval = ops("interval")  # weights: zero point 3/2, plain ops; inputs: QDQ
-    assert {"QuantizeLinear", "DequantizeLinear", "Div", "Sub"} <= interval
+    ops, codes = graph("lsq")  # integer zero points, one multiply: QDQ carries the scale
+    assert {"QuantizeLinear", "DequantizeLinear", "Round", "Clip"} <= ops and "Div" not in ops
+    assert len(codes) == 2 and all(-2 <= c.min() and c.max() <= 1 for c in codes)
+    ops, codes = graph("interval")  # the forward divides by 2^b - 1: DQ, then its Div
+    assert {"QuantizeLinear", "DequantizeLinear", "Div", "Sub"} <= ops
+    assert len(codes) == 2 and all(0 <= c.min() and c.max() <= 3 for c in codes)
 
 
 def test_summary_reads_each_layer(trained, tmp_path, capsys) -> None:
@@ -211,3 +221,41 @@ def test_the_readme_plugin_method_cannot_be_exported_and_says_so() -> None:
         assert "n/a" in summary_markdown(quantized)  # the summary still reads it
     finally:
         unregister_plugin("readme-example")
+
+
+def test_the_readme_contract_snippet_makes_the_plugin_method_exportable() -> None:
+    import re
+    import textwrap
+
+    from test_core_readme import README, readme_plugin_source
+
+    from ewgs_plugins import IntegerMap, QuantizerMethod
+
+    namespace: dict = {}
+    exec(compile(readme_plugin_source(), "README.md", "exec"), namespace)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    snippet = next(b for b in blocks if "def integer_map" in b)
+    source = "class Exportable(Uniform):\n" + textwrap.indent(textwrap.dedent(snippet), "    ")
+    scope = {"Uniform": namespace["Uniform"], "IntegerMap": IntegerMap, "torch": torch}
+    exec(compile(source, "README.md", "exec"), scope)
+    exportable = scope["Exportable"]
+
+    class Method(QuantizerMethod):
+        name = "uniform"
+
+        def weight_quantizer(self, bits: int):
+            return exportable(bits)
+
+        def activation_quantizer(self, bits: int):
+            return exportable(bits)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    quantized = quantize_model(model, Method(), weight_bits=3, activation_bits=3)
+    x = torch.rand(64, 3)
+    initialize_quantizers(quantized, x)
+    tensors, layers = integer_state(quantized)
+    assert tensors["2.weight.codes"].dtype == torch.uint8 and layers["2"]["input"]["high"] == 7
+    quantizer = quantized[2].weight_quantizer
+    weight = quantized[2].weight
+    codes = quantizer.integer_codes(weight)
+    assert torch.equal(quantizer.dequantize(codes), quantizer(weight))
