@@ -106,15 +106,13 @@ def output_factor(layer: QuantConv2d | QuantLinear) -> Tensor | None:
 
 
 def _map_entry(imap: IntegerMap, bits: int) -> dict[str, Any]:
-    def values(t: Tensor) -> float | list[float]:
-        return t.tolist()
-
+    """The manifest's record of a map (a float, or a list per channel)."""
     return {
         "bits": bits,
         "low": imap.low,
         "high": imap.high,
-        "scale": values(imap.scale),
-        "zero_point": values(imap.zero_point),
+        "scale": imap.scale.tolist(),
+        "zero_point": imap.zero_point.tolist(),
         "axis": imap.axis,
         "dtype": str(container_dtype(imap.low, imap.high)).removeprefix("torch."),
     }
