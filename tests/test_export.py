@@ -152,6 +152,10 @@ def test_the_onnx_graph_holds_integer_codes_and_uses_qdq_where_it_is_the_map(
 
 def test_summary_reads_each_layer(trained, tmp_path, capsys) -> None:
     run_dir = trained("interval", "W2A2")
+    written_by_the_trainer = (load_run(run_dir).run_dir / SUMMARY).read_text()
+    assert (
+        "| 3 | interval | 2 | 2 |" in written_by_the_trainer and "smaller" in written_by_the_trainer
+    )
     model = load_run(run_dir).model
     layers = quantized_layers(model)
     layers["6"].weight_quantizer.set_bits(4)  # a layer that differs from the recipe
