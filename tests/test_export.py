@@ -23,8 +23,16 @@ from ewgs_plugins.export import (
     load_int,
     load_run,
     onnx_ready,
+    write_onnx,
 )
-from ewgs_plugins.quant import initialize_quantizers, quantize_model, quantized_layers
+from ewgs_plugins.quant import (
+    IntegerMap,
+    Quantizer,
+    QuantizerMethod,
+    initialize_quantizers,
+    quantize_model,
+    quantized_layers,
+)
 from ewgs_plugins.recipe import expand_runs
 from ewgs_plugins.rundir import SUMMARY
 from ewgs_plugins.summary import layer_summaries, model_sizes, summary_markdown
@@ -238,8 +246,6 @@ def test_the_readme_contract_snippet_makes_the_plugin_method_exportable() -> Non
 
     from test_core_readme import README, readme_plugin_source
 
-    from ewgs_plugins import IntegerMap, QuantizerMethod
-
     namespace: dict = {}
     exec(compile(readme_plugin_source(), "README.md", "exec"), namespace)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -268,3 +274,65 @@ def test_the_readme_contract_snippet_makes_the_plugin_method_exportable() -> Non
     weight = quantized[2].weight
     codes = quantizer.integer_codes(weight)
     assert torch.equal(quantizer.dequantize(codes), quantizer(weight))
+
+
+class PerChannelWeights(Quantizer):
+    """A test plugin's quantizer with a step per output channel (``axis`` 0), signed
+    4-bit codes; activations per tensor on [0, 1]."""
+
+    def __init__(self, bits: int, channels: int) -> None:
+        super().__init__(bits)
+        self.step = nn.Parameter(torch.linspace(0.05, 0.2, channels))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.step.view(-1, *([1] * (x.dim() - 1)))
+        half = 2 ** (self.bits - 1)
+        return self.round_site(x / step, 2 * half - 1, float(-half), float(half - 1)) * step
+
+    def integer_map(self) -> IntegerMap:
+        half = 2 ** (self.bits - 1)
+        step = self.step.detach().clone()
+        return IntegerMap(step, torch.zeros_like(step), -half, half - 1, axis=0)
+
+
+class UnitInterval(Quantizer):
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        steps = 2**self.bits - 1
+        return self.round_site(x * steps, steps, 0.0, float(steps)) * (1.0 / steps)
+
+    def integer_map(self) -> IntegerMap:
+        steps = 2**self.bits - 1
+        return IntegerMap(torch.tensor(1.0 / steps), torch.tensor(0.0), 0, steps)
+
+
+class PerChannelMethod(QuantizerMethod):
+    name = "per_channel_test"
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return PerChannelWeights(bits, 6)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        return UnitInterval(bits)
+
+
+def test_a_per_channel_map_exports_to_onnx_with_an_axis(tmp_path) -> None:
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    )
+    x = torch.rand(32, 1, 8, 8)
+    model(x)
+    quantized = quantize_model(model, PerChannelMethod(), weight_bits=4, activation_bits=4)
+    initialize_quantizers(quantized, x)
+    weight_q = quantized[2].weight_quantizer
+    codes = weight_q.integer_codes(quantized[2].weight)
+    assert torch.equal(weight_q.dequantize(codes), weight_q(quantized[2].weight))
+
+    path = write_onnx(quantized.eval(), x[:1], tmp_path / "per_channel.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    axes = [a.i for n in nodes if n.op_type == "DequantizeLinear" for a in n.attribute]
+    assert axes == [0]  # the weight's DQ, per output channel
+    check = check_onnx(path, quantized, torch.rand(64, 1, 8, 8))
+    assert check.top1_agreement == 1.0 and check.relative <= 1e-6, check
