@@ -2,7 +2,7 @@
 
     ewgs train RECIPE [key=value ...] [--resume]     one run
     ewgs compare RECIPE [key=value ...] [--resume]   every run of the matrix, then the report
-    ewgs report RUN_DIR                              table + plots from finished runs
+    ewgs report RUN_DIR                              paired table + plots from finished runs
     ewgs export RUN_DIR [--format int|onnx] [--out PATH]   the trained integers / ONNX
     ewgs summary RUN_DIR                             per-layer table and model size
     ewgs plugins                                     what is registered, from which plugin
@@ -23,7 +23,7 @@ from . import distributed, export, rundir
 from .errors import ConfigError, EwgsError, TrainingError
 from .recipe import load_recipe, load_runs
 from .registry import KINDS, registry
-from .report import find_runs, table, write_report
+from .report import write_report
 from .summary import summary_markdown
 from .train import Trainer, finished_run
 
@@ -101,10 +101,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
             stopped.append(label)
     if len(stopped) < len(runs) and distributed.is_main():
-        report = write_report(base)
         print()
-        print(table(find_runs(base)))
-        print(f"\nreport: {report}")
+        _print_report(base)
     if stopped:
         raise TrainingError(
             f"{len(stopped)} of {len(runs)} runs stopped early ({', '.join(stopped)}); "
@@ -113,10 +111,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(directory: str | Path) -> None:
+    """Write the report of the runs in ``directory`` and print its table and notes."""
+    report = write_report(directory)
+    print(report.text)
+    print(f"\nreport: {report.markdown}\nsummary: {report.summary}")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    report = write_report(args.run_dir)
-    print(table(find_runs(args.run_dir)))
-    print(f"\nreport: {report}")
+    _print_report(args.run_dir)
     return 0
 
 
@@ -138,7 +141,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     run = export.load_run(args.run_dir, args.checkpoint)
     text = summary_markdown(run.model, f"{run.run_dir.name}: {run.checkpoint.name}")
     print(text)
-    rundir.write_atomic(run.run_dir / rundir.SUMMARY, text)
+    rundir.write_atomic(run.run_dir / rundir.LAYER_SUMMARY, text)
     return 0
 
 

@@ -52,7 +52,7 @@ class IntegerMap:
 
     @property
     def integer_zero_point(self) -> bool:
-        """Whether the zero point is an integer (the map is ONNX's QuantizeLinear's)."""
+        """Whether the zero point is an integer (as ONNX's DequantizeLinear takes it)."""
         return bool(torch.equal(self.zero_point, self.zero_point.round()))
 
     def _along_axis(self, value: Tensor, codes: Tensor) -> Tensor:

@@ -8,14 +8,15 @@ A run directory holds (names below are the constants of this module):
 - ``deltas.jsonl`` (``DELTAS``): δ of every active round site each time it changes;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
-- ``summary.md`` (``SUMMARY``): the per-layer table of the trained model, written at the
+- ``summary.md`` (``LAYER_SUMMARY``): the per-layer table of the trained model, written at the
   end of training (``ewgs summary`` rewrites it);
 - what ``ewgs export`` writes by default: ``model_int.safetensors`` and its manifest
   ``model_int.json`` (``INT_EXPORT``), ``model.onnx`` (``ONNX_EXPORT``);
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
 
-A folder of runs (``ewgs compare``) also holds ``report.md`` (``REPORT``) and its plots.
+A folder of runs (``ewgs compare``) also holds ``report.md`` (``REPORT``), its numbers in
+``summary.json`` (``SUMMARY``) and its plots.
 
 Every file is replaced atomically (``write_atomic`` / ``save_atomic``: a temporary file
 beside it, then ``os.replace``), so a reader never sees a half-written file. Under
@@ -46,7 +47,8 @@ DELTAS = "deltas.jsonl"
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
-SUMMARY = "summary.md"
+SUMMARY = "summary.json"
+LAYER_SUMMARY = "summary.md"
 INT_EXPORT = "model_int.safetensors"
 ONNX_EXPORT = "model.onnx"
 #: the ``format`` entry of a checkpoint

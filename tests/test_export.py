@@ -34,7 +34,7 @@ from ewgs_plugins.quant import (
     quantized_layers,
 )
 from ewgs_plugins.recipe import expand_runs
-from ewgs_plugins.rundir import SUMMARY
+from ewgs_plugins.rundir import LAYER_SUMMARY
 from ewgs_plugins.summary import layer_summaries, model_sizes, summary_markdown
 from ewgs_plugins.train import Trainer
 
@@ -160,7 +160,7 @@ def test_the_onnx_graph_holds_integer_codes_and_uses_qdq_where_it_is_the_map(
 
 def test_summary_reads_each_layer(trained, tmp_path, capsys) -> None:
     run_dir = trained("interval", "W2A2")
-    written_by_the_trainer = (load_run(run_dir).run_dir / SUMMARY).read_text()
+    written_by_the_trainer = (load_run(run_dir).run_dir / LAYER_SUMMARY).read_text()
     assert (
         "| 3 | interval | 2 | 2 |" in written_by_the_trainer and "smaller" in written_by_the_trainer
     )
@@ -185,7 +185,7 @@ def test_summary_reads_each_layer(trained, tmp_path, capsys) -> None:
     assert cli.main(["summary", run_dir]) == 0
     printed = capsys.readouterr().out
     assert "| 3 | interval | 2 | 2 |" in printed
-    assert (load_run(run_dir).run_dir / SUMMARY).read_text() in printed + "\n"
+    assert (load_run(run_dir).run_dir / LAYER_SUMMARY).read_text() in printed + "\n"
 
 
 def test_cli_export_int_and_onnx(trained, tmp_path, capsys) -> None:

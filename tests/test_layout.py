@@ -154,7 +154,8 @@ def test_run_directory_file_names_only_in_rundir() -> None:
     from ewgs_plugins import rundir
 
     names = [rundir.RECIPE, rundir.METRICS_JSONL, rundir.METRICS_CSV, rundir.DELTAS]
-    names += [rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST, rundir.REPORT]
+    names += [rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST, rundir.REPORT, rundir.SUMMARY]
+    names += [rundir.LAYER_SUMMARY, rundir.INT_EXPORT, rundir.ONNX_EXPORT]
     for module, path in module_files().items():
         if module == "ewgs_plugins.rundir":
             continue

@@ -335,7 +335,7 @@ class Trainer:
             self.hooks.ewgs_train_end(trainer=self)
             # what was trained, layer by layer (its bits, δ, integer maps, sizes)
             summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
-            rundir.write_atomic(self.run_dir / rundir.SUMMARY, summary)
+            rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
         distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
 
