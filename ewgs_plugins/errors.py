@@ -24,3 +24,8 @@ class PluginError(EwgsError):
 
 class TrainingError(EwgsError):
     """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class ExportError(EwgsError):
+    """A model cannot be exported: a method that does not state its integer map, a run
+    directory without a checkpoint, a missing optional dependency."""

@@ -10,6 +10,10 @@ A run directory holds (names below are the constants of this module):
   rule does to the latent weights, per layer and epoch;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
+- ``summary.md`` (``LAYER_SUMMARY``): the per-layer table of the trained model, written at the
+  end of training (``ewgs summary`` rewrites it);
+- what ``ewgs export`` writes by default: ``model_int.safetensors`` and its manifest
+  ``model_int.json`` (``INT_EXPORT``), ``model.onnx`` (``ONNX_EXPORT``);
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
 
@@ -48,6 +52,9 @@ CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
 SUMMARY = "summary.json"
+LAYER_SUMMARY = "summary.md"
+INT_EXPORT = "model_int.safetensors"
+ONNX_EXPORT = "model.onnx"
 #: the ``format`` entry of a checkpoint
 CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 #: the header of a run's ``recipe.yaml``

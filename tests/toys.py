@@ -31,6 +31,7 @@ RUN_FILES = {
     rundir.DELTAS,
     rundir.CHECKPOINT_LAST,
     rundir.CHECKPOINT_BEST,
+    rundir.LAYER_SUMMARY,
 }
 
 

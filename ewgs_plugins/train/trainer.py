@@ -39,6 +39,7 @@ from ..callbacks import DeltaSchedule, lifecycle_manager
 from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
 from ..recipe import Recipe
+from ..summary import summary_markdown
 from .checkpoint import restore_trainer, trainer_state
 from .loaders import draw_batches, test_loader, to_device, train_loader, train_sampler
 from .model import build_model
@@ -332,6 +333,9 @@ class Trainer:
                 self._print_epoch()
         if self.finished:
             self.hooks.ewgs_train_end(trainer=self)
+            # what was trained, layer by layer (its bits, δ, integer maps, sizes)
+            summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
+            rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
         distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
 
