@@ -17,9 +17,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import distributed
+from . import distributed, rundir
 from .errors import ConfigError, EwgsError, TrainingError
-from .recipe import load_recipe, load_runs
+from .recipe import Run, load_recipe, load_runs
 from .registry import KINDS, load_registry
 from .report import find_runs, table, write_report
 from .train import Trainer, finished_run
@@ -62,12 +62,11 @@ def _source(recipe: str) -> Iterator[None]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    with _source(args.recipe):
-        finished = finished_run(recipe)
-    if args.resume and finished:
-        _say(f"{recipe.output}: the run has finished already; nothing to resume")
-        return 0
-    with _source(args.recipe):
+    with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
+        finished = finished_run(recipe, resume=args.resume)
+        if args.resume and finished:
+            _say(f"{recipe.output}: the run has finished already; nothing to resume")
+            return 0
         Trainer(recipe, resume=args.resume).run()
     _say(f"run directory: {recipe.output}")
     return 0
@@ -79,8 +78,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     base = Path(first.recipe.output or "")
     if first.name:
         base = base.parent
-    with _source(args.recipe):
-        states = [finished_run(run.recipe) for run in runs]  # before training anything
+    with rundir.lock(base), _source(args.recipe):  # held until every run is trained
+        return _compare(args, runs, base)
+
+
+def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
+    with _source(args.recipe):  # before training anything
+        states = [finished_run(run.recipe, resume=args.resume) for run in runs]
     for run, state in zip(runs, states):
         if state is False and not args.resume:
             raise ConfigError(

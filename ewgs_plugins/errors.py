@@ -24,3 +24,8 @@ class PluginError(EwgsError):
 
 class TrainingError(EwgsError):
     """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class RunDirError(EwgsError):
+    """A run directory cannot be written (a full disk, a read-only file system), is in
+    use by another process, or holds a damaged file; the message names the file."""
