@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -140,8 +141,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """Replace ``path`` by ``torch.save(obj)`` atomically."""
-    _replace_atomic(path, lambda handle: torch.save(obj, handle))
+    """Replace ``path`` by ``torch.save(obj)`` atomically. Serialized in memory first:
+    torch's writer turns a failed write (a full disk) into a bare RuntimeError."""
+    serialized = io.BytesIO()
+    torch.save(obj, serialized)
+    _replace_atomic(path, lambda handle: handle.write(serialized.getbuffer()))
 
 
 def copy_atomic(source: Path, path: Path) -> None:
@@ -292,11 +296,13 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     file and what is wrong with it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # a damaged file fails in many ways
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never
         raise RunDirError(
-            f"{path}: cannot be read ({type(error).__name__}: {reason[:200]})"
+            f"{path}: cannot be read (not a file of tensors and plain values)"
         ) from None
+    except Exception as error:  # a damaged file fails in many ways
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise RunDirError(f"{path}: cannot be read ({type(error).__name__}: {reason})") from None
     if not is_checkpoint(state):
         raise RunDirError(f"{path}: not a checkpoint of this trainer (no format tag)")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
@@ -358,6 +364,7 @@ def _acquire(folder: Path) -> None:
         os.write(handle, json.dumps(about).encode())
         os.fsync(handle)
     except OSError as error:
+        path.unlink(missing_ok=True)
         os.close(handle)
         raise RunDirError(f"{path}: cannot write it: {error.strerror}") from None
     _held[folder] = [handle, 1]

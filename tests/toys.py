@@ -271,3 +271,16 @@ def make_distribution(root: Path, dist: str, module: str, source: str, entry: st
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[ewgs_plugins]\n{entry or module} = {module}\n")
+
+
+def run_cli_stopping_at_write(point: int, argv: list[str]) -> None:
+    """In a child process: ``ewgs ARGV``, stopping itself (SIGSTOP) at its ``point``-th
+    write point (``rundir.STOP_AT_WRITE``); one torch thread, as the tests' own process."""
+    import os
+    import sys
+
+    from ewgs_plugins import cli, rundir
+
+    os.environ[rundir.STOP_AT_WRITE] = str(point)
+    torch.set_num_threads(1)
+    sys.exit(cli.main(argv))

@@ -109,6 +109,15 @@ class Trainer:
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(rundir.lock(self.run_dir))
         weakref.finalize(self, self._lock.close)
+        try:
+            self._build(resume, callbacks)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, resume: bool, callbacks: Mapping[str, object] | None) -> None:
+        """Everything of ``__init__`` after the run directory's lock is held."""
+        recipe = self.recipe
         saved: Mapping[str, Any] | None = None
         if resume:
             saved = open_checkpoint(self.run_dir, recover=True)
