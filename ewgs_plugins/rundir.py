@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -55,7 +54,7 @@ import torch
 import yaml
 
 from . import distributed
-from .errors import RunDirError
+from .errors import RunDirError, load_failure
 from .recipe.yaml_text import dump_yaml
 
 RECIPE = "recipe.yaml"
@@ -296,13 +295,8 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     file and what is wrong with it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never
-        raise RunDirError(
-            f"{path}: cannot be read (not a file of tensors and plain values)"
-        ) from None
     except Exception as error:  # a damaged file fails in many ways
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise RunDirError(f"{path}: cannot be read ({type(error).__name__}: {reason})") from None
+        raise RunDirError(f"{path}: cannot be read ({load_failure(error)})") from None
     if not is_checkpoint(state):
         raise RunDirError(f"{path}: not a checkpoint of this trainer (no format tag)")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]

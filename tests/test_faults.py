@@ -442,3 +442,13 @@ def test_a_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys):
     assert train(tmp_path / "run", "data.batch_size=5000") == 2
     line = one_error_line(capsys.readouterr().err)
     assert "data.batch_size: 5000 is larger than the training set (899 examples)" in line
+
+
+def test_a_weights_file_of_pickled_objects_is_one_line_suggesting_nothing_unsafe(tmp_path, capsys):
+    path = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state_dict
+    assert train(tmp_path / "run", f"model.weights={path}") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.weights: " in line and f"{path}: cannot be read" in line
+    assert "never loaded" in line
+    assert "weights_only=False" not in line and "weights_only` set to `False" not in line

@@ -40,7 +40,7 @@ from ..callbacks import DeltaSchedule, lifecycle_manager
 from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
 from ..recipe import Recipe
-from .checkpoint import open_checkpoint, restore_trainer, trainer_state
+from .checkpoint import open_checkpoint, restore_trainer, sync_run_files, trainer_state
 from .loaders import draw_batches, test_loader, to_device, train_loader, train_sampler
 from .model import build_model
 from .optim import LRSchedule, build_optimizers, check_param_groups, initial_layout, move_to_group
@@ -121,7 +121,9 @@ class Trainer:
         saved: Mapping[str, Any] | None = None
         if resume:
             saved = open_checkpoint(self.run_dir, recover=True)
-            if saved is None and distributed.is_main():
+            if saved is not None:
+                sync_run_files(self.run_dir, saved)
+            elif distributed.is_main():
                 print(f"{self.run_dir}: no checkpoint yet; training from the start", flush=True)
         elif (self.run_dir / rundir.CHECKPOINT_LAST).is_file():
             raise ConfigError(
