@@ -144,7 +144,8 @@ class Trainer:
             raise ConfigError(
                 "data.batch_size",
                 f"{recipe.data.batch_size} is larger than the training set "
-                f"({len(self.train_set)} examples): an epoch would hold no full batch",
+                f"({len(self.train_set)} examples): every step would see the whole set; "
+                f"choose at most {len(self.train_set)}",
             )
         self.steps_per_epoch = len(self.train_sampler(0))
         self.model = build_model(
@@ -319,8 +320,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the last metrics row. The run directory's
-        lock is let go when it returns."""
-        with self._lock:
+        lock, taken when the trainer was made, is let go when it returns."""
+        with rundir.lock(self.run_dir):
+            self._lock.close()  # the hold of __init__ (the one just taken goes on)
             return self._run()
 
     def _run(self) -> dict[str, Any]:
