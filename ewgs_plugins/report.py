@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
+from .mechanism_plots import plot_mechanism_runs
 from .pairing import BASELINE, Analysis, Comparison, Group, analyse
 from .report_plots import write_plots
 from .results import RunResult, find_runs
@@ -247,7 +248,7 @@ def write_report(directory: str | Path) -> Report:
     directory = Path(directory)
     runs = find_runs(directory)
     analysis = analyse(runs, directory)
-    plots = write_plots(runs, directory)
+    plots = write_plots(runs, directory) + plot_mechanism_runs(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
     markdown = [
         f"# EWGS vs STE: {directory.name}",
