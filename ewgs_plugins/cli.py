@@ -21,8 +21,8 @@ from pathlib import Path
 
 from . import distributed, export, rundir
 from .errors import ConfigError, EwgsError, TrainingError
-from .recipe import load_recipe, load_runs
-from .registry import KINDS, registry
+from .recipe import Run, load_recipe, load_runs
+from .registry import KINDS, load_registry
 from .report import write_report
 from .summary import summary_markdown
 from .train import Trainer, finished_run
@@ -35,7 +35,9 @@ def _say(*text: object) -> None:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    reg = registry()
+    """Everything that loaded, then one line per plugin that did not (status 2): the
+    command that finds a broken plugin must work while one is broken."""
+    reg = load_registry(strict=False)
     for kind, (_, label) in KINDS.items():
         entries = reg.entries(kind)
         print(f"{label}s:")
@@ -44,7 +46,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         for name in sorted(entries):
             entry = entries[name]
             print(f"  {name:<16} plugin {entry.plugin} ({entry.distribution})")
-    return 0
+    for message in reg.failed:
+        print(f"ewgs: error: {message}", file=sys.stderr)
+    return 2 if reg.failed else 0
 
 
 @contextlib.contextmanager
@@ -61,12 +65,11 @@ def _source(recipe: str) -> Iterator[None]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    with _source(args.recipe):
-        finished = finished_run(recipe)
-    if args.resume and finished:
-        _say(f"{recipe.output}: the run has finished already; nothing to resume")
-        return 0
-    with _source(args.recipe):
+    with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
+        finished = finished_run(recipe, resume=args.resume)
+        if args.resume and finished:
+            _say(f"{recipe.output}: the run has finished already; nothing to resume")
+            return 0
         Trainer(recipe, resume=args.resume).run()
     _say(f"run directory: {recipe.output}")
     return 0
@@ -78,8 +81,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     base = Path(first.recipe.output or "")
     if first.name:
         base = base.parent
-    with _source(args.recipe):
-        states = [finished_run(run.recipe) for run in runs]  # before training anything
+    with rundir.lock(base), _source(args.recipe):  # held until every run is trained
+        return _compare(args, runs, base)
+
+
+def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
+    with _source(args.recipe):  # before training anything
+        states = [finished_run(run.recipe, resume=args.resume) for run in runs]
     for run, state in zip(runs, states):
         if state is False and not args.resume:
             raise ConfigError(
