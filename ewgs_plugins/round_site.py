@@ -56,7 +56,7 @@ def _inside_bounds_gradient(grad: Tensor, latent: Tensor, low: float, high: floa
     return torch.ops.aten.hardtanh_backward(grad, latent, below, above)
 
 
-def _latent(x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None) -> Tensor:
+def affine_latent(x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None) -> Tensor:
     """``x · scale + shift`` (either may be absent), the plain form of the site's affine."""
     latent = x if scale is None else x * scale
     return latent if shift is None else latent + shift
@@ -115,7 +115,7 @@ class _RoundFunction(torch.autograd.Function):
                 return fused.run("forward_free", *args).view_as(x)
             bounds = fused.constant(low, x), fused.constant(high, x)
             return fused.run("forward_clipped", *args, *bounds).view_as(x)
-        latent = _latent(x, scale, shift)
+        latent = affine_latent(x, scale, shift)
         if low is None:
             return torch.round(latent)
         # round(clamp(z)); rounding the fresh clamped tensor in place saves a buffer.
@@ -151,7 +151,7 @@ class _RoundFunction(torch.autograd.Function):
                 grad_shift if needs_shift else None,
             ) + (None,) * 6
         clipped = ctx.low is not None
-        latent = _latent(x, scale, shift) if ctx.rule.needs_latent or clipped else None
+        latent = affine_latent(x, scale, shift) if ctx.rule.needs_latent or clipped else None
         context = RoundContext(latent, ctx.steps, delta, ctx.delta_value)
         grad_latent = ctx.rule.latent_gradient(grad, context)
         if clipped:
@@ -237,8 +237,8 @@ class RoundSite(nn.Module):
                 # discrete values a leaf so the Hessian can still be taken against them.
                 rounded = rounded.detach().requires_grad_()
             self.capture.append((rounded, steps))
-        if self.observer is not None:
-            self.observer(latent, rounded, steps, low, high)
+        if self.observer is not None:  # the latent it reads, computed for it alone
+            self.observer(affine_latent(x, scale, shift).detach(), rounded, steps, low, high)
         return rounded
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
