@@ -221,6 +221,13 @@ def run_suite(suite: Suite, args: argparse.Namespace, device: torch.device) -> d
     variants = [Variant("fp", None, None)]
     for method in args.methods:
         variants += [Variant(f"{method}/{b}", method, b) for b in BACKWARDS]
+    if args.compile:
+        # Every variant is its own model compiled from the same code (ResNet's forward,
+        # the quantizers'): past dynamo's default of 8 graphs per code object, the later
+        # variants would silently run eagerly.
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 4 * len(variants)
+        )
     for variant in variants:
         build(suite, variant, batch, args)
         for _ in range(args.warmup):
