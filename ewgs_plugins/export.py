@@ -384,16 +384,10 @@ class _TracedRound(nn.Module):
     levels: Tensor
 
     def forward(
-        self,
-        x: Tensor,
-        steps: int,
-        low: float | None = None,
-        high: float | None = None,
-        *,
-        scale: float | Tensor | None = None,
-        shift: float | Tensor | None = None,
+        self, x: Tensor, steps: int, low: float | None = None, high: float | None = None, **affine
     ) -> Tensor:
-        latent = affine_latent(x, scale, shift)  # the site's affine form (Mul, Add)
+        # the site's affine form, z = x · scale + shift (Mul, Add)
+        latent = affine_latent(x, affine.get("scale"), affine.get("shift"))
         self.levels = torch.round(latent if low is None else torch.clamp(latent, low, high))
         return self.levels
 
