@@ -46,6 +46,12 @@ from ewgs_plugins.train import Trainer
 
 #: name -> HessianDelta options (the schedule keys aside)
 CANDIDATES: dict[str, dict[str, Any]] = {
+    "all-1 @256": {"probe": "all", "samples": 1},
+    "scaled-1 @256": {"probe": "scaled", "samples": 1},
+    "kind-1 @256": {"probe": "kind", "samples": 1},
+    "all-1 @128": {"probe": "all", "samples": 1, "sub_batch": 128},
+    "scaled-1 @128": {"probe": "scaled", "samples": 1, "sub_batch": 128},
+    "kind-1 @128": {"probe": "kind", "samples": 1, "sub_batch": 128},
     "all-1 @64": {"probe": "all", "samples": 1, "sub_batch": 64},
     "all-2 @64": {"probe": "all", "samples": 2, "sub_batch": 64},
     "scaled-1 @64": {"probe": "scaled", "samples": 1, "sub_batch": 64},
@@ -54,7 +60,6 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "kind-1 @32": {"probe": "kind", "samples": 1, "sub_batch": 32},
     "kind-2 @32": {"probe": "kind", "samples": 2, "sub_batch": 32},
     "scaled-2 @32": {"probe": "scaled", "samples": 2, "sub_batch": 32},
-    "all-1 @256": {"probe": "all", "samples": 1},
     "all-2x2 @64 (batched)": {"probe": "all", "samples": 2, "per_product": 2, "sub_batch": 64},
     "all-sem @64": {"probe": "all", "samples": 4, "stop": "sem", "tol": 0.2, "sub_batch": 64},
 }
@@ -244,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the phase writes its JSON")
     parser.add_argument("--seed", type=int, default=0, help="the reference's probe seed")
     parser.add_argument("--reference", type=Path, nargs="+", help="reference phases' JSON (pooled)")
-    parser.add_argument("--candidates", type=Path, help="a candidates phase's JSON")
+    parser.add_argument(
+        "--candidates", type=Path, nargs="+", help="candidates phases' JSON (merged)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         result = phase_candidates(args)
     elif phase == "report":
         reference = pool([json.loads(path.read_text()) for path in args.reference])
-        candidates = json.loads(args.candidates.read_text())
+        candidates = {"results": {}}
+        for path in args.candidates:
+            candidates["results"].update(json.loads(path.read_text())["results"])
         print(report(reference, candidates))
         return 0
     else:
