@@ -49,6 +49,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "all-1 @256": {"probe": "all", "samples": 1},
     "scaled-1 @256": {"probe": "scaled", "samples": 1},
     "kind-1 @256": {"probe": "kind", "samples": 1},
+    "kind-3 @256": {"probe": "kind", "samples": 3},
     "all-1 @128": {"probe": "all", "samples": 1, "sub_batch": 128},
     "scaled-1 @128": {"probe": "scaled", "samples": 1, "sub_batch": 128},
     "kind-1 @128": {"probe": "kind", "samples": 1, "sub_batch": 128},
