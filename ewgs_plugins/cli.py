@@ -2,7 +2,7 @@
 
     ewgs train RECIPE [key=value ...] [--resume]     one run
     ewgs compare RECIPE [key=value ...] [--resume]   every run of the matrix, then the report
-    ewgs report RUN_DIR                              table + plots from finished runs
+    ewgs report RUN_DIR                              paired table + plots from finished runs
     ewgs plugins                                     what is registered, from which plugin
 
 Bad input (a recipe error, a missing file, an unknown plugin) prints one line and
@@ -19,7 +19,10 @@ from pathlib import Path
 
 from . import distributed
 from .errors import ConfigError, EwgsError, TrainingError
+from .recipe import load_recipe, load_runs
 from .registry import KINDS, registry
+from .report import write_report
+from .train import Trainer, finished_run
 
 
 def _say(*text: object) -> None:
@@ -54,9 +57,6 @@ def _source(recipe: str) -> Iterator[None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .train import Trainer, finished_run
-
     recipe = load_recipe(args.recipe, args.overrides)
     with _source(args.recipe):
         finished = finished_run(recipe)
@@ -70,10 +70,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .recipe import load_runs
-    from .report import find_runs, table, write_report
-    from .train import Trainer, finished_run
-
     runs = load_runs(args.recipe, args.overrides)
     first = runs[0]
     base = Path(first.recipe.output or "")
@@ -102,10 +98,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
             stopped.append(label)
     if len(stopped) < len(runs) and distributed.is_main():
-        report = write_report(base)
         print()
-        print(table(find_runs(base)))
-        print(f"\nreport: {report}")
+        _print_report(base)
     if stopped:
         raise TrainingError(
             f"{len(stopped)} of {len(runs)} runs stopped early ({', '.join(stopped)}); "
@@ -114,12 +108,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import find_runs, table, write_report
+def _print_report(directory: str | Path) -> None:
+    """Write the report of the runs in ``directory`` and print its table and notes."""
+    report = write_report(directory)
+    print(report.text)
+    print(f"\nreport: {report.markdown}\nsummary: {report.summary}")
 
-    report = write_report(args.run_dir)
-    print(table(find_runs(args.run_dir)))
-    print(f"\nreport: {report}")
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _print_report(args.run_dir)
     return 0
 
 
