@@ -269,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     elif phase == "report":
         reference = pool([json.loads(path.read_text()) for path in args.reference])
         candidates = {"results": {}}
-        for path in args.candidates:
-            candidates["results"].update(json.loads(path.read_text())["results"])
+        for path in args.candidates:  # the repeats of a candidate add up across files
+            for name, repeats in json.loads(path.read_text())["results"].items():
+                candidates["results"].setdefault(name, []).extend(repeats)
         print(report(reference, candidates))
         return 0
     else:
