@@ -359,16 +359,20 @@ class Trainer:
             if is_best:
                 self.best = self.metrics
             if distributed.is_main():
+                if self.finished:  # before the checkpoint that commits the last epoch
+                    self._write_layer_summary()
                 rundir.save_checkpoint(self.run_dir, trainer_state(self), best=is_best)
                 rundir.write_metrics(self.run_dir, self.history)
                 self._print_epoch()
         if self.finished:
             self.hooks.ewgs_train_end(trainer=self)
-            # what was trained, layer by layer (its bits, δ, integer maps, sizes)
-            summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
-            rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
         distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
+
+    def _write_layer_summary(self) -> None:
+        """What was trained, layer by layer (bits, δ, integer maps, sizes)."""
+        summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
+        rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
 
     @property
     def finished(self) -> bool:
