@@ -12,7 +12,8 @@ validation calls it.
 
 Generic QAT tools registered here (any method): ``distill`` (knowledge distillation from
 a full-precision teacher) and ``ema`` (an exponential moving average of the model,
-evaluated every epoch); see ``ewgs_plugins.qat_callbacks``.
+evaluated every epoch); see ``ewgs_plugins.qat_callbacks``. ``mechanism`` writes what a
+backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mechanism``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .backward import StraightThrough
 from .delta import DeltaEstimator
 from .errors import PluginError
 from .hookspecs import PROJECT, LifecycleSpec, hookimpl
+from .mechanism import Mechanism
 from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, set_deltas
 
@@ -134,4 +136,4 @@ class DeltaSchedule:
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    return {"distill": Distill, "ema": WeightEMA}
+    return {"distill": Distill, "ema": WeightEMA, "mechanism": Mechanism}
