@@ -20,26 +20,37 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import distributed
+import pluggy
+
+from . import distributed, rundir
 from .backward import StraightThrough
 from .delta import DeltaEstimator
-from .hookspecs import hookimpl
+from .errors import PluginError
+from .hookspecs import PROJECT, LifecycleSpec, hookimpl
+from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, set_deltas
 
+if TYPE_CHECKING:
+    from .train import Trainer
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so a
-    reader never sees a half-written file. Under torchrun only rank 0 writes (every
-    process holds the same run)."""
-    import os
 
-    if not distributed.is_main():
-        return
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def lifecycle_manager(callbacks: Mapping[str, object]) -> pluggy.PluginManager:
+    """A run's own plugin manager with ``callbacks`` registered under their names, called
+    in the order given (pluggy calls the last registered first)."""
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(LifecycleSpec)
+    for name, callback in reversed(callbacks.items()):
+        try:
+            manager.register(callback, name=name)
+        except (pluggy.PluginValidationError, ValueError) as error:
+            raise PluginError(f"training callback {name!r}: {error}") from None
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as error:
+        raise PluginError(f"a training callback implements an unknown hook: {error}") from None
+    return manager
 
 
 class DeltaSchedule:
@@ -56,8 +67,6 @@ class DeltaSchedule:
     still logged once).
     """
 
-    FILE = "deltas.jsonl"
-
     def __init__(self, estimator: DeltaEstimator, batch_size: int | None = None) -> None:
         self.estimator = estimator
         self.batch_size = batch_size
@@ -71,7 +80,7 @@ class DeltaSchedule:
         self.history = list(state["history"])
 
     @hookimpl
-    def ewgs_train_start(self, trainer: Any) -> None:
+    def ewgs_train_start(self, trainer: Trainer) -> None:
         if not self.history:
             self._record(trainer)
             if self.estimator.before_training:
@@ -79,16 +88,16 @@ class DeltaSchedule:
         self._write(trainer.run_dir)  # on resume: drop anything logged after the checkpoint
 
     @hookimpl
-    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def ewgs_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if self.estimator.unit == "epoch" and self.estimator.due(epoch=epoch):
             self.estimate(trainer)
 
     @hookimpl
-    def ewgs_step_end(self, trainer: Any, step: int, loss: float) -> None:
+    def ewgs_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         if self.estimator.unit == "step" and self.estimator.due(step=step + 1):
             self.estimate(trainer)
 
-    def estimate(self, trainer: Any) -> None:
+    def estimate(self, trainer: Trainer) -> None:
         """Estimate δ now (in train mode, as the paper does) and apply it.
 
         The batches and the random probes come from seeds derived from (seed, epoch,
@@ -110,7 +119,7 @@ class DeltaSchedule:
             set_deltas(model, new)
             self._record(trainer)
 
-    def _record(self, trainer: Any) -> None:
+    def _record(self, trainer: Trainer) -> None:
         current = {n: float(s.delta) for n, s in active_round_sites(trainer.model).items()}
         if self.history and self.history[-1]["deltas"] == current:
             return
@@ -118,13 +127,11 @@ class DeltaSchedule:
         self._write(trainer.run_dir)
 
     def _write(self, run_dir: Path) -> None:
-        write_atomic(run_dir / self.FILE, "".join(json.dumps(row) + "\n" for row in self.history))
+        rundir.write_jsonl(run_dir / rundir.DELTAS, self.history)
 
 
 @hookimpl
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    from .qat_callbacks import Distill, WeightEMA
-
     return {"distill": Distill, "ema": WeightEMA}

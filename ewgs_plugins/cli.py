@@ -19,7 +19,10 @@ from pathlib import Path
 
 from . import distributed
 from .errors import ConfigError, EwgsError, TrainingError
+from .recipe import load_recipe, load_runs
 from .registry import KINDS, registry
+from .report import find_runs, table, write_report
+from .train import Trainer, finished_run
 
 
 def _say(*text: object) -> None:
@@ -54,9 +57,6 @@ def _source(recipe: str) -> Iterator[None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .train import Trainer, finished_run
-
     recipe = load_recipe(args.recipe, args.overrides)
     with _source(args.recipe):
         finished = finished_run(recipe)
@@ -70,10 +70,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .recipe import load_runs
-    from .report import find_runs, table, write_report
-    from .train import Trainer, finished_run
-
     runs = load_runs(args.recipe, args.overrides)
     first = runs[0]
     base = Path(first.recipe.output or "")
@@ -115,8 +111,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import find_runs, table, write_report
-
     report = write_report(args.run_dir)
     print(table(find_runs(args.run_dir)))
     print(f"\nreport: {report}")

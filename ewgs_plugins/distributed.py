@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
+from .quant import Quantizer
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -245,8 +246,6 @@ def _weighted_allreduce(state, bucket):  # type: ignore[no-untyped-def]
 
 
 def _unused_parameters(model: nn.Module) -> bool:
-    from .quant import Quantizer
-
     return any(
         p.requires_grad
         for m in model.modules()

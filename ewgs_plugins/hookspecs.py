@@ -11,9 +11,12 @@ run's own plugin manager: see ``ewgs_plugins.callbacks``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .train import Trainer
 
 PROJECT = "ewgs"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -59,29 +62,29 @@ class LifecycleSpec:
     """
 
     @hookspec
-    def ewgs_train_start(self, trainer: Any) -> None:
+    def ewgs_train_start(self, trainer: Trainer) -> None:
         """After the model, data and optimizers exist and quantizers are initialised."""
 
     @hookspec
-    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def ewgs_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before the first step of ``epoch`` (0-based)."""
 
     @hookspec
     def ewgs_step_end(
-        self, trainer: Any, step: int, loss: float, inputs: Any, targets: Any
+        self, trainer: Trainer, step: int, loss: float, inputs: Any, targets: Any
     ) -> None:
         """After the optimizer step number ``step`` (global, 0-based) on the batch
         ``inputs``/``targets`` (an implementation may take only some of these arguments)."""
 
     @hookspec
-    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+    def ewgs_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """After evaluation of ``epoch``; ``metrics`` may be extended by the callback."""
 
     @hookspec
-    def ewgs_train_end(self, trainer: Any) -> None:
+    def ewgs_train_end(self, trainer: Trainer) -> None:
         """After the last epoch."""
 
     @hookspec
-    def ewgs_extra_loss(self, trainer: Any, inputs: Any, outputs: Any, targets: Any) -> Any:
+    def ewgs_extra_loss(self, trainer: Trainer, inputs: Any, outputs: Any, targets: Any) -> Any:
         """A term added to the task loss of a training step (knowledge distillation, say),
         or None. Every callback's term is added."""

@@ -13,14 +13,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rundir
 from .errors import ConfigError
 from .hookspecs import hookimpl
+from .models import load_full_precision
+from .options import call_with_options
 from .quant import (
     Quantizer,
     quantize_model,
@@ -28,6 +31,10 @@ from .quant import (
     quantizers,
     set_quantizer_bits,
 )
+from .registry import registry
+
+if TYPE_CHECKING:
+    from .train import Trainer
 
 # ------------------------------------------------------------------ distillation
 
@@ -51,11 +58,6 @@ def load_teacher(
     (``checkpoint_last.pt`` of a run, a full-precision one typically: the model is
     rebuilt as that run quantized it, at its final bit-widths) or a plain state_dict
     (read as ``models.load_full_precision`` reads it). Errors name the key and file."""
-    from .models import load_full_precision
-    from .options import call_with_options
-    from .registry import registry
-    from .train import CHECKPOINT_FORMAT
-
     where = "teacher.weights"
     path = Path(weights)
     if not path.is_file():
@@ -72,7 +74,7 @@ def load_teacher(
     except Exception as error:
         message = f"{path}: cannot be read: {type(error).__name__}: {error}"
         raise ConfigError(where, message) from None
-    if isinstance(loaded, Mapping) and loaded.get("format") == CHECKPOINT_FORMAT:
+    if rundir.is_checkpoint(loaded):
         saved = loaded["recipe"]
         if saved["model"]["name"] != model:
             raise ConfigError(
@@ -128,8 +130,6 @@ class Distill:
         for key in ("model", "weights"):
             if not isinstance(teacher.get(key), str):
                 raise ConfigError(f"teacher.{key}", f"expected a string, got {teacher.get(key)!r}")
-        from .registry import registry
-
         registry().get("model", teacher["model"], "teacher.model")
         options = teacher.get("options") or {}
         if not isinstance(options, Mapping):
@@ -154,7 +154,7 @@ class Distill:
         self._count = 0
 
     @hookimpl
-    def ewgs_train_start(self, trainer: Any) -> None:
+    def ewgs_train_start(self, trainer: Trainer) -> None:
         try:
             teacher = load_teacher(
                 self.model_name, self.model_options, self.weights, trainer.num_classes
@@ -164,11 +164,11 @@ class Distill:
         self.teacher = teacher.to(trainer.device).eval().requires_grad_(False)
 
     @hookimpl
-    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def ewgs_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self._sum, self._count = None, 0
 
     @hookimpl
-    def ewgs_extra_loss(self, trainer: Any, inputs: Any, outputs: Any, targets: Any) -> Any:
+    def ewgs_extra_loss(self, trainer: Trainer, inputs: Any, outputs: Any, targets: Any) -> Any:
         assert self.teacher is not None, "ewgs_train_start loads the teacher"
         with torch.no_grad():
             teacher_outputs = self.teacher(inputs)
@@ -185,7 +185,7 @@ class Distill:
         return loss
 
     @hookimpl
-    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+    def ewgs_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         if self._count:
             assert self._sum is not None
             metrics["distill_loss"] = float(self._sum) / self._count
@@ -252,15 +252,15 @@ class WeightEMA:
         self.updates += 1
 
     @hookimpl
-    def ewgs_train_start(self, trainer: Any) -> None:
+    def ewgs_train_start(self, trainer: Trainer) -> None:
         self.attach(trainer.model)
 
     @hookimpl
-    def ewgs_step_end(self, trainer: Any) -> None:
+    def ewgs_step_end(self, trainer: Trainer) -> None:
         self.update()
 
     @hookimpl
-    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+    def ewgs_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         if self.evaluate and self.model is not None:
             result = trainer.evaluate(self.model)
             metrics["ema_test_loss"] = result["test_loss"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backward import BackwardRule
+from .registry import registry
 from .round_site import RoundSite, round_sites
 
 FULL_PRECISION = 32
@@ -221,8 +222,6 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
 
 def _resolve(kind: str, value: Any) -> Any:
     if isinstance(value, str):
-        from .registry import registry
-
         return registry().create(kind, value)
     return value
 
@@ -347,3 +346,29 @@ def initialize_quantizers(model: nn.Module, inputs: Tensor) -> None:
         model.train(was_training)
         for module, state in zip(norms, saved):
             module.load_state_dict(state)
+
+
+def set_layer_bits(
+    model: nn.Module,
+    *,
+    weights: int | None = None,
+    activations: int | None = None,
+    layers: Iterable[str] | None = None,
+) -> None:
+    """Change the bit-width of the weight and/or input quantizers of the quantized
+    layers named (default: all). Quantizers at 32 bits (not quantized: the first layer's
+    raw-image input, say) are left alone; an unknown layer name is a KeyError."""
+    chosen = quantized_layers(model)
+    if layers is not None:
+        names = set(layers)
+        unknown = names - set(chosen)
+        if unknown:
+            raise KeyError(f"no quantized layer named {sorted(unknown)}")
+        chosen = {n: m for n, m in chosen.items() if n in names}
+    for layer in chosen.values():
+        for quantizer, bits in (
+            (layer.weight_quantizer, weights),
+            (layer.input_quantizer, activations),
+        ):
+            if bits is not None and quantizer.enabled:
+                quantizer.set_bits(check_bits(bits))

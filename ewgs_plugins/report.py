@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import rundir
 from .errors import ConfigError
 from .recipe import flatten
 
-REPORT_FILE = "report.md"
 #: keys that make the table's rows and columns (or are expected to differ)
 _AXES = ("method.name", "backward", "bits.weights", "bits.activations", "seed", "output")
 
@@ -61,19 +59,12 @@ class RunResult:
         return max(float(row["test_top1"]) for row in self.metrics)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_run(path: Path) -> RunResult | None:
     """The run in ``path``, or None if it holds no run with at least one epoch."""
-    recipe_file, metrics = path / "recipe.yaml", _read_jsonl(path / "metrics.jsonl")
-    if not recipe_file.is_file() or not metrics:
+    recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
+    if recipe is None or not metrics:
         return None
-    recipe = yaml.safe_load(recipe_file.read_text())
-    return RunResult(path, recipe, metrics, _read_jsonl(path / "deltas.jsonl"))
+    return RunResult(path, recipe, metrics, rundir.read_deltas(path))
 
 
 def find_runs(directory: str | Path) -> list[RunResult]:
@@ -81,11 +72,13 @@ def find_runs(directory: str | Path) -> list[RunResult]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError("", f"{directory}: no such directory")
-    folders = sorted({p.parent for p in directory.rglob("metrics.jsonl")})
+    folders = sorted({p.parent for p in directory.rglob(rundir.METRICS_JSONL)})
     runs = [run for run in map(read_run, folders) if run is not None]
     if not runs:
         raise ConfigError(
-            "", f"{directory}: no run found (a run directory holds recipe.yaml and metrics.jsonl)"
+            "",
+            f"{directory}: no run found (a run directory holds {rundir.RECIPE} and "
+            f"{rundir.METRICS_JSONL})",
         )
     return runs
 
@@ -289,6 +282,6 @@ def write_report(directory: str | Path) -> Path:
         *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
     ]
-    path = directory / REPORT_FILE
+    path = directory / rundir.REPORT
     path.write_text("\n".join(text))
     return path

@@ -14,16 +14,23 @@ import torch
 import yaml
 from torch import nn
 
-from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, register_plugin, unregister_plugin
+from ewgs_plugins import (
+    Quantizer,
+    QuantizerMethod,
+    hookimpl,
+    register_plugin,
+    rundir,
+    unregister_plugin,
+)
 
 #: what a finished run's directory holds (written by the trainer and the δ schedule)
 RUN_FILES = {
-    "recipe.yaml",
-    "metrics.jsonl",
-    "metrics.csv",
-    "deltas.jsonl",
-    "checkpoint_last.pt",
-    "checkpoint_best.pt",
+    rundir.RECIPE,
+    rundir.METRICS_JSONL,
+    rundir.METRICS_CSV,
+    rundir.DELTAS,
+    rundir.CHECKPOINT_LAST,
+    rundir.CHECKPOINT_BEST,
 }
 
 

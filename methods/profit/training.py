@@ -48,17 +48,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ewgs_plugins import distributed
-from ewgs_plugins.callbacks import write_atomic
+from ewgs_plugins import distributed, rundir
 from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.hookspecs import hookimpl
 from ewgs_plugins.recipe import parse_bits_label
 
 from .aiwq import AIWQTracker, current_quantized_weights, quantized_convs
+
+if TYPE_CHECKING:
+    from ewgs_plugins.train import Trainer
 
 KEY = "callbacks.profit"
 FILE = "profit.json"
@@ -248,12 +250,12 @@ class ProfitTraining:
     # ------------------------------------------------------------------ hooks
 
     @hookimpl
-    def ewgs_train_start(self, trainer: Any) -> None:
+    def ewgs_train_start(self, trainer: Trainer) -> None:
         self.phases = self.schedule(trainer.recipe.epochs)
         self._write(trainer)
 
     @hookimpl
-    def ewgs_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def ewgs_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         phase = self.phase = self.phase_at(epoch)
         bits = phase.bits or (trainer.recipe.bits.weights, trainer.recipe.bits.activations)
         trainer.set_bits(weights=bits[0], activations=bits[1])
@@ -278,12 +280,12 @@ class ProfitTraining:
         trainer.log("profit_frozen", len(chosen))
 
     @hookimpl
-    def ewgs_step_end(self, trainer: Any, inputs: Any) -> None:
+    def ewgs_step_end(self, trainer: Trainer, inputs: Any) -> None:
         if self.phase is not None and self.phase.kind == "sample":
             self.tracker.update(trainer.model, inputs)
 
     @hookimpl
-    def ewgs_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+    def ewgs_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         self._write(trainer)
 
     # ------------------------------------------------------------------ helpers
@@ -295,7 +297,7 @@ class ProfitTraining:
         return distributed.broadcast_object(ranking)
 
     @staticmethod
-    def _freeze(trainer: Any, weights: Mapping[str, nn.Parameter], chosen: set[str]) -> None:
+    def _freeze(trainer: Trainer, weights: Mapping[str, nn.Parameter], chosen: set[str]) -> None:
         """Learning rate 0 and weight decay 0 for the weights named in ``chosen``; the
         others of ``weights`` back at the schedule's rate and the recipe's decay."""
         scales: dict[int, float] = {}
@@ -311,7 +313,7 @@ class ProfitTraining:
             decay = trainer.recipe.optimizers.weights.weight_decay
             trainer.set_lr_scale(thaw, 1.0, weight_decay=decay)
 
-    def _write(self, trainer: Any) -> None:
+    def _write(self, trainer: Trainer) -> None:
         report = {
             "phases": [{**asdict(p), "name": p.name, "freeze": str(p.freeze)} for p in self.phases],
             "aiwq": self.tracker.averages,
@@ -320,7 +322,7 @@ class ProfitTraining:
             "ranking": self.ranking,
             "frozen": self.frozen,
         }
-        write_atomic(trainer.run_dir / FILE, json.dumps(report, indent=1) + "\n")
+        rundir.write_atomic(trainer.run_dir / FILE, json.dumps(report, indent=1) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {

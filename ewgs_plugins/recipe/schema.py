@@ -1,4 +1,5 @@
-"""Recipes: YAML files that say what to train, checked before anything runs.
+"""The recipe schema: a tree of dataclasses, one per section, and the parser that
+checks raw YAML data against it.
 
 A recipe is one mapping (see ``Recipe`` for every key and its default). ``key=value``
 overrides from the command line set dotted key paths (values parsed as YAML), and an
@@ -12,75 +13,19 @@ default (types are checked from the annotation by ``options.check_type``).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import itertools
 import re
 import typing
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 
-from .errors import ConfigError
-from .options import call_with_options, check_type, describe_type
-from .quant import FULL_PRECISION, VALID_BITS
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML with two fixes: ``1e-3`` is a float (YAML 1.2; PyYAML reads it as a
-    string) and a key written twice in one mapping is an error, not silently dropped."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            line = key_node.start_mark.line + 1
-            raise ConfigError(str(key), f"written twice in one mapping (line {line})")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; errors name ``source``."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except ConfigError as error:
-        raise ConfigError(error.key_path, error.message, source) from None
-    except yaml.YAMLError as error:
-        raise ConfigError("", f"not valid YAML: {error}", source) from None
-
-
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-# ------------------------------------------------------------------------- schema
+from ..errors import ConfigError
+from ..options import call_with_options, check_type, describe_type
+from ..quant import FULL_PRECISION, VALID_BITS
+from ..registry import KINDS, registry
 
 
 class Section:
@@ -347,8 +292,6 @@ class Recipe(Section):
         return _create("method", self.method.name, self.method.options, "method")
 
     def make_backward(self) -> Any:
-        from .registry import registry
-
         return registry().create("backward", self.backward, None, "backward")
 
     def make_delta(self) -> Any:
@@ -376,8 +319,6 @@ class Recipe(Section):
         return chosen
 
     def make_callback(self, name: str, options: Mapping[str, Any]) -> Any:
-        from .registry import registry
-
         key_path = f"callbacks.{name}"
         entry = registry().get("callback", name, key_path)
         return call_with_options(
@@ -404,8 +345,6 @@ class Recipe(Section):
 def _create(kind: str, name: str, options: Mapping[str, Any], section: str) -> Any:
     """Build the plugin ``name`` of ``kind`` named at ``section.name`` with the options
     at ``section.options``."""
-    from .registry import KINDS, registry
-
     entry = registry().get(kind, name, f"{section}.name")
     return call_with_options(
         entry.factory, options, f"{section}.options", what=f"{KINDS[kind][1]} {name!r}"
@@ -430,7 +369,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
+def parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
     if isinstance(data, str):
         data = cls.from_string(data, key_path)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -453,7 +392,7 @@ def _parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
                 raise ConfigError(path, f"missing; expected {_describe(hint)}")
             continue
         if isinstance(hint, type) and issubclass(hint, Section):
-            values[name] = _parse_section(hint, data[name], path)
+            values[name] = parse_section(hint, data[name], path)
         else:
             values[name] = check_type(data[name], hint, path)
     section = cls(**values)
@@ -468,7 +407,7 @@ def _describe(hint: Any) -> str:
     return describe_type(hint)
 
 
-def _section_type(path: Sequence[str]) -> type[Section] | None:
+def section_type(path: Sequence[str]) -> type[Section] | None:
     """The Section class at a key path of the schema, or None for a plain value."""
     cls: Any = Recipe
     for key in path:
@@ -479,213 +418,3 @@ def _section_type(path: Sequence[str]) -> type[Section] | None:
             return None
         cls = hints[key]
     return cls if isinstance(cls, type) and issubclass(cls, Section) else None
-
-
-# ---------------------------------------------------------------- overrides, matrix
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key.path=value`` -> (key path, value parsed as YAML)."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z0-9_][\w-]*)*", key):
-        raise ConfigError("", f"expected key.path=value on the command line, got {text!r}")
-    return key, parse_yaml(value, f"command line override {text!r}")
-
-
-def set_path(data: dict[str, Any], key_path: str, value: Any) -> None:
-    """Set a dotted key path in raw recipe data, making mappings on the way; a shorthand
-    string where a section is (``method: lsq``) is expanded first."""
-    keys = key_path.split(".")
-    node = data
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        section = _section_type(keys[: depth + 1])
-        if isinstance(child, str) and section is not None:
-            child = section.from_string(child, ".".join(keys[: depth + 1]))
-        elif child is None:
-            child = {}
-        elif not isinstance(child, dict):
-            where = ".".join(keys[: depth + 1])
-            raise ConfigError(where, f"is {child!r}, not a mapping, so {key_path} cannot be set")
-        node[key] = child
-        node = child
-    node[keys[-1]] = copy.deepcopy(value)
-
-
-@dataclass
-class Run:
-    """One run of a recipe: its name (the sub-directory under ``compare``; empty for a
-    recipe without a matrix) and its checked recipe."""
-
-    name: str
-    recipe: Recipe
-
-
-_NAME_AXES = {"method", "backward", "model", "data", "delta"}
-
-
-def _value_label(key: str, value: Any) -> str:
-    """A short label of one matrix value, for the run's directory name."""
-    if isinstance(value, Mapping) and "name" in value:
-        value = value["name"]
-    if key == "bits":
-        if isinstance(value, Mapping):
-            return f"W{value.get('weights')}A{value.get('activations')}"
-        return str(value).upper()
-    if key == "seed":
-        return f"seed{value}"
-    if key.removesuffix(".name") in _NAME_AXES:
-        return str(value)
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
-    return f"{key.rsplit('.', 1)[-1]}={str(text).strip().removesuffix('...').strip()}"
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_") or "run"
-
-
-def expand_runs(
-    data: Any, *, source: str, overrides: Iterable[str] = (), default_output: str = "runs/recipe"
-) -> list[Run]:
-    """Check raw recipe data (a parsed YAML mapping) with ``overrides`` applied and
-    expand its ``matrix``. Errors name ``source``, or the override they came from, and
-    a key set by the matrix by its matrix entry (``matrix.bits[1].weights``)."""
-    if not isinstance(data, dict):
-        raise ConfigError("", f"a recipe must be a mapping of keys, got {data!r}", source)
-    data = copy.deepcopy(data)
-    origins: dict[str, str] = {}
-    for text in overrides:
-        key, value = parse_override(text)
-        origins[key] = f"command line override {text!r}"
-        with _error_source(source, origins):
-            set_path(data, key, value)
-    matrix = data.pop("matrix", None) or {}
-    if not isinstance(matrix, Mapping):
-        raise ConfigError("matrix", f"expected a mapping key.path -> list, got {matrix!r}", source)
-    axes: list[tuple[str, list[Any]]] = []
-    for key, values in matrix.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(
-                f"matrix.{key}", f"expected a non-empty list of values, got {values!r}", source
-            )
-        axes.append((str(key), values))
-    for key, origin in origins.items():
-        for axis, _ in axes:
-            if _under(key, axis):
-                raise ConfigError(
-                    key, f"is set by matrix.{axis}; override matrix.{axis}=[...] instead", origin
-                )
-    base_output = data.get("output") or default_output
-    runs: list[Run] = []
-    for combination in itertools.product(*(range(len(values)) for _, values in axes)):
-        run_data = copy.deepcopy(data)
-        renames = {key: f"matrix.{key}[{index}]" for (key, _), index in zip(axes, combination)}
-        with _error_source(source, origins, renames):
-            for (key, values), index in zip(axes, combination):
-                set_path(run_data, key, values[index])
-            labels = [_value_label(key, values[i]) for (key, values), i in zip(axes, combination)]
-            name = _safe_name("-".join(labels)) if axes else ""
-            run_data["output"] = str(Path(base_output) / name) if name else base_output
-            recipe = _parse_section(Recipe, run_data, "")
-            assert isinstance(recipe, Recipe)
-            validate(recipe)
-        runs.append(Run(name, recipe))
-    names = [run.name for run in runs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(
-            "matrix", f"two runs would share the directory name {duplicates[0]!r}", source
-        )
-    return runs
-
-
-@contextlib.contextmanager
-def _error_source(
-    source: str, origins: Mapping[str, str], renames: Mapping[str, str] | None = None
-) -> Iterator[None]:
-    """A ConfigError raised inside gets its source: the file, or the command-line
-    override that set its key; a key set by the matrix is named by its matrix entry."""
-    try:
-        yield
-    except ConfigError as error:
-        if error.source:
-            raise
-        path, where = error.key_path, source
-        for key, origin in origins.items():
-            if _under(path, key):
-                where = origin
-        for key, new in (renames or {}).items():
-            if _under(path, key):
-                path, where = new + path[len(key) :] if path.startswith(key) else new, source
-                break
-        raise ConfigError(path, error.message, where) from None
-
-
-def _under(path: str, key: str) -> bool:
-    """Whether ``path`` is ``key``, below it, or above it."""
-    return path == key or path.startswith(key + ".") or key.startswith(path + ".")
-
-
-def load_runs(path: str | Path, overrides: Iterable[str] = ()) -> list[Run]:
-    """Read, check and expand a recipe file into its runs."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("", "recipe file not found", source) from None
-    except OSError as error:
-        raise ConfigError("", f"cannot read the recipe: {error}", source) from None
-    return expand_runs(
-        parse_yaml(text, source),
-        source=source,
-        overrides=overrides,
-        default_output=str(Path("runs") / path.stem),
-    )
-
-
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """The single run of a recipe file (a matrix must expand into exactly one run)."""
-    runs = load_runs(path, overrides)
-    if len(runs) != 1:
-        raise ConfigError(
-            "matrix",
-            f"expands into {len(runs)} runs; train them all with `ewgs compare`, or pick "
-            "one with overrides (matrix=null method.name=... backward=...)",
-            str(path),
-        )
-    return runs[0].recipe
-
-
-# -------------------------------------------------------------------- validation
-
-
-def validate(recipe: Recipe) -> None:
-    """Check everything the recipe names: plugins exist and take the options given,
-    the bit-widths suit the method, the files exist, the device is there. Nothing
-    heavy is built (the model is built on the ``meta`` device)."""
-    method = recipe.make_method()
-    for name, bits in (("weights", recipe.bits.weights), ("activations", recipe.bits.activations)):
-        maker = method.weight_quantizer if name == "weights" else method.activation_quantizer
-        try:
-            maker(bits)
-        except ValueError as error:
-            raise ConfigError(f"bits.{name}", f"method {recipe.method.name!r}: {error}") from None
-    recipe.make_backward()
-    recipe.make_delta()
-    for name, options in recipe.callback_options(method).items():
-        callback = recipe.make_callback(name, options)
-        if hasattr(callback, "check_recipe"):  # checks against the rest of the recipe
-            callback.check_recipe(recipe)
-    spec = recipe.make_dataset()
-    spec.check(recipe.data.root)
-    with torch.device("meta"):
-        recipe.make_model(spec.num_classes(recipe.data.root))
-    if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
-        raise ConfigError(
-            "model.weights",
-            f"file not found: {recipe.model.weights} (expected a local file of "
-            "full-precision weights, a state_dict saved with torch.save)",
-        )
-    recipe.resolve_device()

@@ -1,0 +1,42 @@
+"""Recipe files: read, check and expand into runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import ConfigError
+from .matrix import Run, expand_runs
+from .schema import Recipe
+from .yaml_text import parse_yaml
+
+
+def load_runs(path: str | Path, overrides: Iterable[str] = ()) -> list[Run]:
+    """Read, check and expand a recipe file into its runs."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("", "recipe file not found", source) from None
+    except OSError as error:
+        raise ConfigError("", f"cannot read the recipe: {error}", source) from None
+    return expand_runs(
+        parse_yaml(text, source),
+        source=source,
+        overrides=overrides,
+        default_output=str(Path("runs") / path.stem),
+    )
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """The single run of a recipe file (a matrix must expand into exactly one run)."""
+    runs = load_runs(path, overrides)
+    if len(runs) != 1:
+        raise ConfigError(
+            "matrix",
+            f"expands into {len(runs)} runs; train them all with `ewgs compare`, or pick "
+            "one with overrides (matrix=null method.name=... backward=...)",
+            str(path),
+        )
+    return runs[0].recipe

@@ -1,0 +1,164 @@
+"""Command-line overrides (``key.path=value``) and the ``matrix:`` that expands one recipe
+into several runs: each matrix key is a dotted key path and each value a list; the runs
+are the Cartesian product, in the order written, each checked by ``validate``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .schema import Recipe, parse_section, section_type
+from .validate import validate
+from .yaml_text import parse_yaml
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` -> (key path, value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z0-9_][\w-]*)*", key):
+        raise ConfigError("", f"expected key.path=value on the command line, got {text!r}")
+    return key, parse_yaml(value, f"command line override {text!r}")
+
+
+def set_path(data: dict[str, Any], key_path: str, value: Any) -> None:
+    """Set a dotted key path in raw recipe data, making mappings on the way; a shorthand
+    string where a section is (``method: lsq``) is expanded first."""
+    keys = key_path.split(".")
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        section = section_type(keys[: depth + 1])
+        if isinstance(child, str) and section is not None:
+            child = section.from_string(child, ".".join(keys[: depth + 1]))
+        elif child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            raise ConfigError(where, f"is {child!r}, not a mapping, so {key_path} cannot be set")
+        node[key] = child
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+@dataclass
+class Run:
+    """One run of a recipe: its name (the sub-directory under ``compare``; empty for a
+    recipe without a matrix) and its checked recipe."""
+
+    name: str
+    recipe: Recipe
+
+
+_NAME_AXES = {"method", "backward", "model", "data", "delta"}
+
+
+def _value_label(key: str, value: Any) -> str:
+    """A short label of one matrix value, for the run's directory name."""
+    if isinstance(value, Mapping) and "name" in value:
+        value = value["name"]
+    if key == "bits":
+        if isinstance(value, Mapping):
+            return f"W{value.get('weights')}A{value.get('activations')}"
+        return str(value).upper()
+    if key == "seed":
+        return f"seed{value}"
+    if key.removesuffix(".name") in _NAME_AXES:
+        return str(value)
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
+    return f"{key.rsplit('.', 1)[-1]}={str(text).strip().removesuffix('...').strip()}"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_") or "run"
+
+
+def expand_runs(
+    data: Any, *, source: str, overrides: Iterable[str] = (), default_output: str = "runs/recipe"
+) -> list[Run]:
+    """Check raw recipe data (a parsed YAML mapping) with ``overrides`` applied and
+    expand its ``matrix``. Errors name ``source``, or the override they came from, and
+    a key set by the matrix by its matrix entry (``matrix.bits[1].weights``)."""
+    if not isinstance(data, dict):
+        raise ConfigError("", f"a recipe must be a mapping of keys, got {data!r}", source)
+    data = copy.deepcopy(data)
+    origins: dict[str, str] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        origins[key] = f"command line override {text!r}"
+        with _error_source(source, origins):
+            set_path(data, key, value)
+    matrix = data.pop("matrix", None) or {}
+    if not isinstance(matrix, Mapping):
+        raise ConfigError("matrix", f"expected a mapping key.path -> list, got {matrix!r}", source)
+    axes: list[tuple[str, list[Any]]] = []
+    for key, values in matrix.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"matrix.{key}", f"expected a non-empty list of values, got {values!r}", source
+            )
+        axes.append((str(key), values))
+    for key, origin in origins.items():
+        for axis, _ in axes:
+            if _under(key, axis):
+                raise ConfigError(
+                    key, f"is set by matrix.{axis}; override matrix.{axis}=[...] instead", origin
+                )
+    base_output = data.get("output") or default_output
+    runs: list[Run] = []
+    for combination in itertools.product(*(range(len(values)) for _, values in axes)):
+        run_data = copy.deepcopy(data)
+        renames = {key: f"matrix.{key}[{index}]" for (key, _), index in zip(axes, combination)}
+        with _error_source(source, origins, renames):
+            for (key, values), index in zip(axes, combination):
+                set_path(run_data, key, values[index])
+            labels = [_value_label(key, values[i]) for (key, values), i in zip(axes, combination)]
+            name = _safe_name("-".join(labels)) if axes else ""
+            run_data["output"] = str(Path(base_output) / name) if name else base_output
+            recipe = parse_section(Recipe, run_data, "")
+            assert isinstance(recipe, Recipe)
+            validate(recipe)
+        runs.append(Run(name, recipe))
+    names = [run.name for run in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(
+            "matrix", f"two runs would share the directory name {duplicates[0]!r}", source
+        )
+    return runs
+
+
+@contextlib.contextmanager
+def _error_source(
+    source: str, origins: Mapping[str, str], renames: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """A ConfigError raised inside gets its source: the file, or the command-line
+    override that set its key; a key set by the matrix is named by its matrix entry."""
+    try:
+        yield
+    except ConfigError as error:
+        if error.source:
+            raise
+        path, where = error.key_path, source
+        for key, origin in origins.items():
+            if _under(path, key):
+                where = origin
+        for key, new in (renames or {}).items():
+            if _under(path, key):
+                path, where = new + path[len(key) :] if path.startswith(key) else new, source
+                break
+        raise ConfigError(path, error.message, where) from None
+
+
+def _under(path: str, key: str) -> bool:
+    """Whether ``path`` is ``key``, below it, or above it."""
+    return path == key or path.startswith(key + ".") or key.startswith(path + ".")

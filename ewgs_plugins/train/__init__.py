@@ -1,0 +1,24 @@
+"""Training one run of a recipe: ``Trainer`` (the loop, evaluation, the callback API)
+composes what lives beside it: ``optim`` (optimizers, param groups, the LR schedule),
+``checkpoint`` (what a checkpoint holds, restore, resume checks) and ``seeding`` (seeds
+and RNG state). The run directory's files are ``ewgs_plugins.rundir``'s."""
+
+from .checkpoint import RESUME_MAY_CHANGE, check_same_recipe, finished_run
+from .optim import LRSchedule, make_optimizer, quantizer_parameters
+from .seeding import derive_seed, rng_state, seed_everything, set_rng_state
+from .trainer import AMP_DTYPES, Trainer
+
+__all__ = [
+    "AMP_DTYPES",
+    "LRSchedule",
+    "RESUME_MAY_CHANGE",
+    "Trainer",
+    "check_same_recipe",
+    "derive_seed",
+    "finished_run",
+    "make_optimizer",
+    "quantizer_parameters",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
