@@ -12,7 +12,8 @@ validation calls it.
 
 Generic QAT tools registered here (any method): ``distill`` (knowledge distillation from
 a full-precision teacher) and ``ema`` (an exponential moving average of the model,
-evaluated every epoch); see ``ewgs_plugins.qat_callbacks``.
+evaluated every epoch); see ``ewgs_plugins.qat_callbacks``. ``tensorboard`` logs the run
+for TensorBoard (``ewgs_plugins.tensorboard``; needs the ``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .errors import PluginError
 from .hookspecs import PROJECT, LifecycleSpec, hookimpl
 from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, set_deltas
+from .tensorboard import TensorBoard
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -134,4 +136,4 @@ class DeltaSchedule:
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    return {"distill": Distill, "ema": WeightEMA}
+    return {"distill": Distill, "ema": WeightEMA, "tensorboard": TensorBoard}

@@ -8,6 +8,7 @@ A run directory holds (names below are the constants of this module):
 - ``deltas.jsonl`` (``DELTAS``): δ of every active round site each time it changes;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
+- ``tensorboard/`` (``TENSORBOARD``): the event files of the ``tensorboard`` callback;
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
 
@@ -42,6 +43,7 @@ DELTAS = "deltas.jsonl"
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
+TENSORBOARD = "tensorboard"
 #: the ``format`` entry of a checkpoint
 CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 #: the header of a run's ``recipe.yaml``
