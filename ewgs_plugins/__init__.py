@@ -6,6 +6,7 @@ from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_de
 from .errors import ConfigError, EwgsError, PluginError, TrainingError
 from .hookspecs import hookimpl
 from .quant import (
+    LayerOverride,
     QuantConv2d,
     Quantizer,
     QuantizerMethod,
@@ -29,6 +30,7 @@ __all__ = [
     "EwgsError",
     "FixedDelta",
     "HessianDelta",
+    "LayerOverride",
     "PluginError",
     "QuantConv2d",
     "QuantLinear",

@@ -31,7 +31,7 @@ from .delta import DeltaEstimator
 from .errors import PluginError
 from .hookspecs import PROJECT, LifecycleSpec, hookimpl
 from .qat_callbacks import Distill, WeightEMA
-from .quant import active_round_sites, set_deltas
+from .quant import active_round_sites, fixed_delta_sites, set_deltas
 from .tensorboard import TensorBoard
 
 if TYPE_CHECKING:
@@ -105,9 +105,9 @@ class DeltaSchedule:
         The batches and the random probes come from seeds derived from (seed, epoch,
         step): under torchrun every process estimates on the same whole batches (so δ
         does not depend on the number of processes), and takes rank 0's δ."""
-        if isinstance(trainer.backward, StraightThrough):
-            return
         model = trainer.model
+        if all(isinstance(s.rule, StraightThrough) for s in active_round_sites(model).values()):
+            return  # δ has no effect (per-layer overrides may mix the rules)
         batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
         was_training = model.training
         model.train()
@@ -116,6 +116,8 @@ class DeltaSchedule:
                 new = self.estimator.estimate(model, batches, trainer.loss_fn)
         finally:
             model.train(was_training)
+        fixed = fixed_delta_sites(model)  # a per-layer override fixed their δ
+        new = {name: value for name, value in new.items() if name not in fixed}
         if new:
             new = distributed.broadcast_values(new)
             set_deltas(model, new)

@@ -32,6 +32,7 @@ def build_model(
         backward=backward,
         delta=delta_estimator.initial(),
         quantize_first_last=recipe.quantize_first_last,
+        overrides=recipe.layer_overrides(),
         inplace=True,
     )
     if recipe.model.weights is not None:
