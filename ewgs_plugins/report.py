@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import provenance, rundir
 from .errors import ConfigError
 from .recipe import flatten
 
@@ -251,6 +252,9 @@ def write_report(directory: str | Path) -> Path:
     """Write ``report.md`` and the plots into ``directory`` from the runs in it."""
     directory = Path(directory)
     runs = find_runs(directory)
+    mixed = provenance.mixed_versions_warning(run.path for run in runs)
+    if mixed:
+        print(f"ewgs: warning: {mixed}", file=sys.stderr)
     keys = varying_keys(runs)
     plots: list[Path] = []
     for method in sorted({run.method for run in runs}):
@@ -273,6 +277,7 @@ def write_report(directory: str | Path) -> Path:
         "",
         table(runs),
         "",
+        *([f"**Warning:** {mixed}.", ""] if mixed else []),
         "## Runs",
         "",
         _runs_table(runs, directory),

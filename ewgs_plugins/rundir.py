@@ -8,6 +8,9 @@ A run directory holds (names below are the constants of this module):
 - ``deltas.jsonl`` (``DELTAS``): δ of every active round site each time it changes;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
+- ``environment.json`` (``ENVIRONMENT``): what produced the run (command line, code
+  version and git commit, library versions, devices, plugins; ``provenance``), written
+  at every start;
 - ``tensorboard/`` (``TENSORBOARD``): the event files of the ``tensorboard`` callback;
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
@@ -44,6 +47,7 @@ CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
 TENSORBOARD = "tensorboard"
+ENVIRONMENT = "environment.json"
 #: the ``format`` entry of a checkpoint
 CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 #: the header of a run's ``recipe.yaml``
@@ -100,6 +104,11 @@ def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     write_atomic(run_dir / METRICS_CSV, text.getvalue())
 
 
+def write_environment(run_dir: Path, environment: Mapping[str, Any]) -> None:
+    """``environment.json`` (see ``provenance``)."""
+    write_atomic(run_dir / ENVIRONMENT, json.dumps(environment, indent=2) + "\n")
+
+
 def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> None:
     """``checkpoint_last.pt``, and a copy as ``checkpoint_best.pt`` if ``best``."""
     last = run_dir / CHECKPOINT_LAST
@@ -124,6 +133,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_deltas(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / DELTAS)
+
+
+def read_environment(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``environment.json``, or None if it has none."""
+    path = run_dir / ENVIRONMENT
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any] | None:

@@ -36,8 +36,14 @@ def test_a_run_logs_losses_accuracies_lrs_deltas_quantizers_and_error_histograms
     events = read_events(tmp_path / "run" / "tensorboard")
     scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
 
-    epoch_tags = {"train/loss", "train/top1", "test/loss", "test/top1", "lr/weights",
-                  "lr/quantizer"}  # fmt: skip
+    epoch_tags = {
+        "train/loss",
+        "train/top1",
+        "test/loss",
+        "test/top1",
+        "lr/weights",
+        "lr/quantizer",
+    }
     assert epoch_tags <= scalars
     for tag in epoch_tags:
         logged = events.Scalars(tag)
