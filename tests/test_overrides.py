@@ -30,6 +30,13 @@ def toys():
         yield
 
 
+def convert(*overrides: LayerOverride, **options):
+    """ResNet-20 quantized by LSQ at W2A2 (``options``: more ``quantize_model`` keywords)."""
+    return quantize_model(
+        resnet20(10), "lsq", weight_bits=2, activation_bits=2, overrides=overrides, **options
+    )
+
+
 def layer_bits(model) -> dict[str, tuple[int, int]]:
     return {
         name: (layer.weight_quantizer.bits, layer.input_quantizer.bits)
@@ -45,13 +52,7 @@ def rules(model) -> dict[str, str]:
 
 
 def test_first_and_last_layers_at_eight_bits_the_rest_at_two():
-    model = quantize_model(
-        resnet20(10),
-        "lsq",
-        weight_bits=2,
-        activation_bits=2,
-        overrides=[LayerOverride(("conv1", "linear"), weight_bits=8, activation_bits=8)],
-    )
+    model = convert(LayerOverride(("conv1", "linear"), weight_bits=8, activation_bits=8))
     bits = layer_bits(model)
     assert bits.pop("conv1") == (8, 32)  # the raw image input stays full precision
     assert bits.pop("linear") == (8, 8)
@@ -59,17 +60,11 @@ def test_first_and_last_layers_at_eight_bits_the_rest_at_two():
 
 
 def test_later_overrides_win_and_keep_what_they_do_not_set():
-    model = quantize_model(
-        resnet20(10),
-        "lsq",
-        weight_bits=2,
-        activation_bits=2,
+    model = convert(
+        LayerOverride(("layer1.*",), weight_bits=4, activation_bits=4, backward="ste"),
+        LayerOverride(("layer1.0.*",), weight_bits=3, activation_bits=3),
+        LayerOverride(("layer1.0.conv2",), backward="ewgs"),
         backward="ewgs",
-        overrides=[
-            LayerOverride(("layer1.*",), weight_bits=4, activation_bits=4, backward="ste"),
-            LayerOverride(("layer1.0.*",), weight_bits=3, activation_bits=3),
-            LayerOverride(("layer1.0.conv2",), backward="ewgs"),
-        ],
     )
     bits, rule = layer_bits(model), rules(model)
     assert bits["layer1.0.conv1"] == (3, 3) and rule["layer1.0.conv1"] == "ste"
@@ -91,24 +86,15 @@ def test_glob_and_regex_patterns_match_whole_names():
         LayerOverride(("layer3.?.conv2",), weight_bits=6, activation_bits=6),
         LayerOverride(("re:conv1",), weight_bits=7, activation_bits=7),  # whole name only
     ]
-    model = quantize_model(
-        resnet20(10), "lsq", weight_bits=2, activation_bits=2, overrides=overrides
-    )
-    bits = layer_bits(model)
+    bits = layer_bits(convert(*overrides))
     assert {n for n, b in bits.items() if b == (5, 5)} == {"layer1.0.conv1", "layer2.0.conv1"}
     assert {n for n, b in bits.items() if b == (6, 6)} == {f"layer3.{i}.conv2" for i in range(3)}
     assert bits["conv1"] == (7, 32)
 
 
 def test_each_layer_keeps_its_own_method_and_fixed_delta():
-    model = quantize_model(
-        resnet20(10),
-        "lsq",
-        weight_bits=2,
-        activation_bits=2,
-        backward="ewgs",
-        delta=0.01,
-        overrides=[LayerOverride(("layer3.*",), method="dorefa", delta=0.5)],
+    model = convert(
+        LayerOverride(("layer3.*",), method="dorefa", delta=0.5), backward="ewgs", delta=0.01
     )
     layers = quantized_layers(model)
     assert layers["layer3.1.conv1"].method_name == "dorefa"
@@ -124,13 +110,7 @@ def test_each_layer_keeps_its_own_method_and_fixed_delta():
 
 def test_an_override_matching_no_layer_is_an_error():
     with pytest.raises(ValueError, match=r"override 1 \(layer9\.\*\) matches no"):
-        quantize_model(
-            resnet20(10),
-            "lsq",
-            weight_bits=2,
-            activation_bits=2,
-            overrides=[LayerOverride(("conv1",), backward="ste"), LayerOverride(("layer9.*",))],
-        )
+        convert(LayerOverride(("conv1",), backward="ste"), LayerOverride(("layer9.*",)))
 
 
 @pytest.mark.parametrize(

@@ -5,23 +5,17 @@ beside it."""
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
 import torch
-import torch.nn.functional as F
 from ewgs_lsq_plus import LsqPlusActivationQuantizer, LsqPlusMethod, LsqPlusWeightQuantizer
 from hypothesis import given, settings
 
-from ewgs_plugins import ConfigError, RoundSite, quantize_model, registry
-from ewgs_plugins.backward import ElementWiseGradientScaling
-from ewgs_plugins.models import digits_cnn
-from ewgs_plugins.recipe import load_runs
-from ewgs_plugins.train import Trainer
+from ewgs_plugins import ConfigError, registry
+from ewgs_plugins.testing import assert_ewgs_at_zero_delta_is_ste, assert_short_run_trains
 from methods.lsq import LsqQuantizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "digits.yaml"
@@ -41,12 +35,6 @@ def activation_quantizer(bits: int, init: str = "minmax", **options) -> LsqPlusA
     return LsqPlusActivationQuantizer(bits, init, **options)
 
 
-def set_parameters(quantizer, step: float, offset: float) -> None:
-    with torch.no_grad():
-        quantizer.step.fill_(step)
-        quantizer.offset.fill_(offset)
-
-
 def test_the_entry_point_registers_lsq_plus_from_its_own_distribution():
     entry = registry().get("method", "lsq_plus")
     assert entry.factory is LsqPlusMethod
@@ -58,12 +46,23 @@ def test_the_entry_point_registers_lsq_plus_from_its_own_distribution():
         registry().create("method", "lsq_plus", {"activation_init": "max"}, key_path="method")
 
 
-@settings(max_examples=60, deadline=None)
-@given(case=batches(), bits=st.integers(1, 8), step=st.floats(0.01, 2.0), offset=st.floats(-3, 1))
-def test_forward_is_the_asymmetric_grid_with_offset(case, bits, step, offset):
-    x, _ = case
+@st.composite
+def quantized_batches(draw):
+    """An activation quantizer at some bit-width with a given step and offset, a batch
+    and its incoming gradient."""
+    x, grad = draw(batches())
+    bits, step, offset = draw(st.integers(1, 8)), draw(st.floats(0.05, 2.0)), draw(st.floats(-3, 1))
     quantizer = activation_quantizer(bits)
-    set_parameters(quantizer, step, offset)
+    with torch.no_grad():
+        quantizer.step.fill_(step)
+        quantizer.offset.fill_(offset)
+    return quantizer, x, grad, bits, step, offset
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=quantized_batches())
+def test_forward_is_the_asymmetric_grid_with_offset(case):
+    quantizer, x, _, bits, step, offset = case
     out = quantizer(x).detach()
     p = 2**bits - 1
     # Eq. 1-2: x̄ = round(clip((x − β)/s, 0, p)), x̂ = x̄·s + β
@@ -75,11 +74,9 @@ def test_forward_is_the_asymmetric_grid_with_offset(case, bits, step, offset):
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=batches(), bits=st.integers(1, 8), step=st.floats(0.05, 2.0), offset=st.floats(-3, 1))
-def test_step_and_offset_gradients_are_the_papers_times_the_lsq_scale(case, bits, step, offset):
-    x, grad = case
-    quantizer = activation_quantizer(bits)
-    set_parameters(quantizer, step, offset)
+@given(case=quantized_batches())
+def test_step_and_offset_gradients_are_the_papers_times_the_lsq_scale(case):
+    quantizer, x, grad, bits, step, offset = case
     x = x.clone().requires_grad_()
     quantizer(x).backward(grad)
     p = 2**bits - 1
@@ -143,57 +140,14 @@ def test_mse_init_clips_a_long_tail_that_minmax_keeps():
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_ewgs_at_delta_zero_is_ste_bit_for_bit(bits):
-    torch.manual_seed(bits)
-    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    ste = quantize_model(
-        digits_cnn(10, width=4),
-        "lsq_plus",
-        weight_bits=bits,
-        activation_bits=bits,
-        quantize_first_last=True,
-    )
-    ste(inputs)  # the first forward initialises the quantizers
-    ewgs = copy.deepcopy(ste)
-    for site in (m for m in ewgs.modules() if isinstance(m, RoundSite)):
-        site.set_rule(ElementWiseGradientScaling())
-        site.set_delta(0.0)
-    for model in (ste, ewgs):
-        F.cross_entropy(model(inputs), targets).backward()
-    for (name, a), (_, b) in zip(ste.named_parameters(), ewgs.named_parameters()):
-        if a.grad is None:  # the raw image's quantizer (32 bits) has no gradient
-            assert b.grad is None, name
-            continue
-        assert torch.equal(a.grad, b.grad), name
+    assert_ewgs_at_zero_delta_is_ste("lsq_plus", bits, seed=bits)
 
 
 def test_a_demo_sized_run_trains_lsq_plus_under_ewgs(tmp_path):
-    overrides = [
-        f"output={tmp_path / 'run'}",
-        "epochs=3",
-        "delta.options={every: 1, unit: epoch, batches: 1, samples: 3}",
-        "model.options={width: 8}",
-        "matrix=null",
-        "backward=ewgs",
-        "device=cpu",
+    trainer = assert_short_run_trains(RECIPE, tmp_path / "run", ["model.options={width: 8}"])
+    activations = [
+        q for q in trainer.quantizers().values() if isinstance(q, LsqPlusActivationQuantizer)
     ]
-    (run,) = load_runs(RECIPE, overrides)
-    trainer = Trainer(run.recipe, progress=False)
-    offsets = {
-        n: float(q.offset.detach())
-        for n, q in trainer.quantizers().items()
-        if q.enabled and isinstance(q, LsqPlusActivationQuantizer)
-    }
-    assert offsets  # initialised on the first batch: min/max or MSE, not the constructor's 0
-    trainer.run()
-    rows = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert len(rows) == 3
-    assert rows[-1]["test_top1"] > 30.0, rows  # 10 classes: chance is 10 %
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    quantizers = trainer.quantizers()
-    assert any(float(quantizers[n].offset.detach()) != v for n, v in offsets.items())
-    deltas = [
-        json.loads(line) for line in (tmp_path / "run" / "deltas.jsonl").read_text().splitlines()
-    ]
-    assert any(v > 0 for v in deltas[-1]["deltas"].values())
+    # initialised from the data (the constructor's s = 1, β = 0 are not kept)
+    assert all(float(q.step.detach()) != 1.0 for q in activations if q.enabled)
+    assert any(float(q.offset.detach()) != 0.0 for q in activations if q.enabled)
