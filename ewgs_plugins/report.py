@@ -1,11 +1,17 @@
-"""Reports from run directories: a Markdown table of test top-1 per method × backward ×
-bits (mean ± std over seeds, EWGS − STE) and PNG plots (loss and accuracy curves, STE
-vs EWGS, per method; δ per round site over training, as the paper's Fig. 3)."""
+"""Reports from run directories: STE against every other backward rule, paired by seed.
+
+``report.md`` holds the table (per method × bits × other varying settings: test top-1
+per rule, mean ± std over seeds, and the paired difference EWGS − STE with its 95 %
+Student-t interval, wins/ties/losses and a verdict, beside the same for the final
+training loss and the EMA model's top-1), the unpaired and unfinished runs, every run,
+and the plots. ``summary.json`` holds the same numbers (schema: ``summary``). Which runs
+pair is ``pairing``'s job, the statistic ``stats``'s, the plots ``report_plots``'s; the
+README's "Reading a comparison" says how to read the result.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -14,102 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance, rundir
-from .errors import ConfigError
-from .recipe import flatten
+from .pairing import BASELINE, Analysis, Comparison, Group, analyse
+from .report_plots import write_plots
+from .results import RunResult, find_runs
+from .stats import CONFIDENCE, PairedDifference
 
-#: keys that make the table's rows and columns (or are expected to differ)
-_AXES = ("method.name", "backward", "bits.weights", "bits.activations", "seed", "output")
+SUMMARY_VERSION = 1
 
-
-@dataclass
-class RunResult:
-    """What a run directory holds: its resolved recipe, metrics rows and δ history."""
-
-    path: Path
-    recipe: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    deltas: list[dict[str, Any]]
-
-    @property
-    def method(self) -> str:
-        return str(self.recipe["method"]["name"])
-
-    @property
-    def backward(self) -> str:
-        return str(self.recipe["backward"])
-
-    @property
-    def bits(self) -> str:
-        bits = self.recipe["bits"]
-        return f"W{bits['weights']}A{bits['activations']}"
-
-    @property
-    def seed(self) -> int:
-        return int(self.recipe["seed"])
-
-    @property
-    def finished(self) -> bool:
-        return len(self.metrics) >= int(self.recipe["epochs"])
-
-    @property
-    def final_top1(self) -> float:
-        return float(self.metrics[-1]["test_top1"])
-
-    @property
-    def best_top1(self) -> float:
-        return max(float(row["test_top1"]) for row in self.metrics)
+# ------------------------------------------------------------------------- tables
 
 
-def read_run(path: Path) -> RunResult | None:
-    """The run in ``path``, or None if it holds no run with at least one epoch."""
-    recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
-    if recipe is None or not metrics:
-        return None
-    return RunResult(path, recipe, metrics, rundir.read_deltas(path))
-
-
-def find_runs(directory: str | Path) -> list[RunResult]:
-    """Every run in ``directory`` (itself, or any folder below it)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ConfigError("", f"{directory}: no such directory")
-    folders = sorted({p.parent for p in directory.rglob(rundir.METRICS_JSONL)})
-    runs = [run for run in map(read_run, folders) if run is not None]
-    if not runs:
-        raise ConfigError(
-            "",
-            f"{directory}: no run found (a run directory holds {rundir.RECIPE} and "
-            f"{rundir.METRICS_JSONL})",
-        )
-    return runs
-
-
-def varying_keys(runs: Sequence[RunResult]) -> list[str]:
-    """Recipe keys, other than method, backward, bits and seed, whose values differ
-    between runs of one method: they split the table's rows."""
-    keys: set[str] = set()
-    for method in {run.method for run in runs}:
-        flats = [flatten(run.recipe) for run in runs if run.method == method]
-        for key in set().union(*flats):
-            if any(key == a or key.startswith(a + ".") for a in _AXES):
-                continue
-            if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1:
-                keys.add(key)
-    return sorted(keys)
-
-
-def _row_key(run: RunResult, keys: Sequence[str]) -> tuple[str, str, str]:
-    flat = flatten(run.recipe)
-    others = ", ".join(f"{k}={flat.get(k)}" for k in keys)
-    return run.method, run.bits, others
-
-
-def _backward_order(runs: Sequence[RunResult]) -> list[str]:
-    found = {run.backward for run in runs}
-    return [b for b in ("ste", "ewgs") if b in found] + sorted(found - {"ste", "ewgs"})
-
-
-def _cell(values: Sequence[float]) -> str:
+def _side_cell(values: Sequence[float]) -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values)
@@ -118,36 +39,71 @@ def _cell(values: Sequence[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def table(runs: Sequence[RunResult]) -> str:
-    """The Markdown table: final test top-1 per method × bits (× other varying keys)
-    and backward rule, mean ± sample std over seeds, and EWGS − STE of the means."""
-    keys = varying_keys(runs)
-    backwards = _backward_order(runs)
-    both = "ste" in backwards and "ewgs" in backwards
-    header = ["method", "bits", *(["settings"] if keys else []), *(b.upper() for b in backwards)]
-    if both:
-        header.append("EWGS − STE")
+def _diff_cell(diff: PairedDifference | None, digits: int) -> str:
+    if diff is None:
+        return "–"
+    text = f"{diff.mean:+.{digits}f}"
+    if diff.ci is not None:
+        text += f" [{diff.ci[0]:+.{digits}f}, {diff.ci[1]:+.{digits}f}]"
+    return f"{text} (n={diff.n})"
+
+
+def _table(analysis: Analysis) -> str:
+    keys = any(group.label for group in analysis.groups)
+    rules = [r for r in analysis.rules if r != BASELINE] if analysis.paired else []
+    ema = analysis.has_ema
+    header = ["method", "bits", *(["settings"] if keys else []), *map(str.upper, analysis.rules)]
+    level = f"{round(CONFIDENCE * 100)} % CI"
+    for rule in rules:
+        diff = f"{rule.upper()} − {BASELINE.upper()}"
+        header += [f"{diff} ({level})", "W/T/L", "verdict", f"{diff} train loss ({level})"]
+        header += [f"{diff} EMA top-1 ({level})"] if ema else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    finished = [run for run in runs if run.finished]
-    rows = sorted({_row_key(run, keys) for run in finished})
-    for method, bits, others in rows:
-        values = {
-            b: [
-                run.final_top1
-                for run in finished
-                if _row_key(run, keys) == (method, bits, others) and run.backward == b
+    for group in analysis.groups:
+        cells = [group.method, group.bits, *([group.label] if keys else [])]
+        for rule in analysis.rules:
+            cells.append(_side_cell([r.final_top1 for r in group.runs if r.backward == rule]))
+        found = {c.rule: c for c in group.comparisons}
+        for rule in rules:
+            comparison = found.get(rule)
+            top1 = comparison.top1 if comparison else None
+            if top1 is None:
+                cells += ["–", "–", "no pairs", "–"] + (["–"] if ema else [])
+                continue
+            cells += [
+                _diff_cell(top1, 2),
+                f"{top1.wins}/{top1.ties}/{top1.losses}",
+                top1.verdict(rule.upper(), BASELINE.upper()),
+                _diff_cell(comparison.train_loss, 4),
+                *([_diff_cell(comparison.ema_top1, 2)] if ema else []),
             ]
-            for b in backwards
-        }
-        cells = [method, bits, *([others] if keys else []), *(_cell(values[b]) for b in backwards)]
-        if both:
-            ok = values["ste"] and values["ewgs"]
-            diff = (
-                statistics.fmean(values["ewgs"]) - statistics.fmean(values["ste"]) if ok else None
-            )
-            cells.append(f"{diff:+.2f}" if diff is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table(runs: Sequence[RunResult]) -> str:
+    """The Markdown table of ``runs`` (see the module's docstring)."""
+    return _table(analyse(runs))
+
+
+def _notes(analysis: Analysis, root: Path) -> list[str]:
+    """The runs outside the paired columns, one line each: unpaired and unfinished."""
+    lines = []
+    if not analysis.paired:
+        lines.append(
+            f"No paired comparison: it needs {BASELINE.upper()} runs and runs of another "
+            f"backward rule (found: {', '.join(analysis.rules) or 'none'})."
+        )
+    unpaired = [(run, why) for group in analysis.groups for run, why in group.unpaired]
+    if unpaired:
+        lines += ["", f"Unpaired runs ({len(unpaired)}, in no pair; in the per-rule columns only):"]
+        for run, why in sorted(unpaired, key=lambda item: str(item[0].path)):
+            lines.append(f"- {run.name(root)} ({run.backward.upper()}, seed {run.seed}): {why}")
+    if analysis.left_out:
+        lines += ["", f"Left out ({len(analysis.left_out)} unfinished run(s), in no column):"]
+        for run in analysis.left_out:
+            lines.append(f"- {run.name(root)}: {len(run.metrics)} of {run.epochs} epochs")
+    return lines
 
 
 def _runs_table(runs: Sequence[RunResult], root: Path) -> str:
@@ -156,126 +112,153 @@ def _runs_table(runs: Sequence[RunResult], root: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted(runs, key=lambda r: str(r.path)):
-        name = str(run.path.relative_to(root)) if run.path != root else run.path.name
-        done = f"{len(run.metrics)}/{run.recipe['epochs']}"
-        if not run.finished:
-            done += " (unfinished)"
+        done = f"{len(run.metrics)}/{run.epochs}" + ("" if run.finished else " (unfinished)")
         seconds = sum(float(row.get("time_s", 0.0)) for row in run.metrics)
         lines.append(
-            f"| {name} | {run.method} | {run.backward} | {run.bits} | {run.seed} | {done} | "
-            f"{run.final_top1:.2f} | {run.best_top1:.2f} | {seconds:.1f} |"
+            f"| {run.name(root)} | {run.method} | {run.backward} | {run.bits} | {run.seed} | "
+            f"{done} | {run.final_top1:.2f} | {run.best_top1:.2f} | {seconds:.1f} |"
         )
     return "\n".join(lines)
 
 
-# -------------------------------------------------------------------------- plots
+# ------------------------------------------------------------------- summary.json
 
 
-def _figure(width: float, height: float, columns: int) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # the Agg canvas; no pyplot, no display
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    return figure, figure.subplots(1, columns, squeeze=False)[0]
-
-
-_STYLES = {"ste": "--", "ewgs": "-"}
-
-
-def _mean_curve(runs: Sequence[RunResult], key: str) -> tuple[list[int], list[float]]:
-    length = min(len(run.metrics) for run in runs)
-    epochs = [int(runs[0].metrics[i]["epoch"]) + 1 for i in range(length)]
-    values = [statistics.fmean(float(run.metrics[i][key]) for run in runs) for i in range(length)]
-    return epochs, values
+def _diff_json(diff: PairedDifference | None) -> dict[str, Any] | None:
+    if diff is None:
+        return None
+    return {
+        "diff": diff.mean,
+        "ci": list(diff.ci) if diff.ci is not None else None,
+        "sd": diff.sd,
+        "n": diff.n,
+        "wins": diff.wins,
+        "ties": diff.ties,
+        "losses": diff.losses,
+        "higher_is_better": diff.higher_is_better,
+    }
 
 
-def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
-    """Training loss and test top-1 per epoch, one line per backward × bits (× other
-    settings), averaged over seeds: STE dashed, EWGS solid."""
-    from matplotlib.ticker import MaxNLocator
+def _pair_json(rule: str, base: RunResult, other: RunResult, root: Path) -> dict[str, Any]:
+    def both(value: Any) -> dict[str, Any]:
+        return {BASELINE: value(base), rule: value(other)}
 
-    keys = varying_keys(runs)
-    chosen = [run for run in runs if run.method == method]
-    figure, (loss_axis, top1_axis) = _figure(11, 4, 2)
-    settings = sorted({_row_key(run, keys)[1:] for run in chosen})
-    colors = [f"C{i % 10}" for i in range(len(settings))]
-    for setting, color in zip(settings, colors):
-        for backward in _backward_order(chosen):
-            group = [
-                r for r in chosen if _row_key(r, keys)[1:] == setting and r.backward == backward
-            ]
-            if not group:
-                continue
-            label = " ".join(filter(None, [backward.upper(), *setting])) + f" (n={len(group)})"
-            style = _STYLES.get(backward, ":")
-            for axis, key in ((loss_axis, "train_loss"), (top1_axis, "test_top1")):
-                axis.plot(*_mean_curve(group, key), style, color=color, label=label)
-    loss_axis.set(title=f"{method}: training loss", xlabel="epoch", ylabel="loss")
-    top1_axis.set(title=f"{method}: test top-1", xlabel="epoch", ylabel="top-1 (%)")
-    top1_axis.legend(fontsize="small")
-    for axis in (loss_axis, top1_axis):
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.savefig(path, dpi=110)
-    return path
+    return {
+        "seed": other.seed,
+        "runs": both(lambda run: run.name(root)),
+        "top1": both(lambda run: run.final_top1),
+        "train_loss": both(lambda run: run.final_train_loss),
+        "ema_top1": both(lambda run: run.final_ema_top1),
+    }
 
 
-def plot_deltas(run: RunResult, path: Path) -> Path:
-    """δ of every round site over training (weights and activations apart), as the
-    paper's Fig. 3: a step function of the epoch, from the run's deltas.jsonl."""
-    steps_per_epoch = max(1, int(run.metrics[0]["step"]))
-    end = len(run.metrics)
-    figure, axes = _figure(11, 4, 2)
-    sites = list(run.deltas[-1]["deltas"])
-    for axis, kind in zip(axes, ("weight", "input")):
-        chosen = [s for s in sites if s.endswith("." + kind)]
-        for index, site in enumerate(chosen):
-            x = [row["step"] / steps_per_epoch for row in run.deltas] + [end]
-            y = [row["deltas"].get(site, 0.0) for row in run.deltas]
-            y.append(y[-1])
-            label = site.removesuffix("." + kind)
-            axis.step(x, y, where="post", color=f"C{index % 10}", label=label)
-        title = "weights" if kind == "weight" else "activations"
-        axis.set(title=f"δ per layer ({title})", xlabel="epoch", ylabel="δ")
-        axis.grid(alpha=0.3)
-        if 0 < len(chosen) <= 12:
-            axis.legend(fontsize="x-small")
-    figure.suptitle(f"{run.method} {run.backward.upper()} {run.bits} seed {run.seed}")
-    figure.savefig(path, dpi=110)
-    return path
+def _comparison_json(comparison: Comparison, root: Path) -> dict[str, Any]:
+    rule, top1 = comparison.rule, comparison.top1
+    return {
+        "rule": rule,
+        "baseline": BASELINE,
+        "n": len(comparison.pairs),
+        "verdict": top1.verdict(rule.upper(), BASELINE.upper()) if top1 else "no pairs",
+        "top1": _diff_json(top1),
+        "train_loss": _diff_json(comparison.train_loss),
+        "ema_top1": _diff_json(comparison.ema_top1),
+        "pairs": [_pair_json(rule, base, other, root) for base, other in comparison.pairs],
+    }
 
 
-def _file_name(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(p for p in parts if p)) + ".png"
+def _sides_json(group: Group, rules: Sequence[str]) -> dict[str, Any]:
+    sides = {}
+    for rule in rules:
+        values = [run.final_top1 for run in group.runs if run.backward == rule]
+        if values:
+            sd = statistics.stdev(values) if len(values) > 1 else None
+            sides[rule] = {"n": len(values), "top1_mean": statistics.fmean(values), "top1_sd": sd}
+    return sides
 
 
-def write_report(directory: str | Path) -> Path:
-    """Write ``report.md`` and the plots into ``directory`` from the runs in it."""
+def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
+    """The report's numbers as JSON (``summary.json``); the README documents the schema."""
+    groups = [
+        {
+            "method": group.method,
+            "bits": group.bits,
+            "settings": group.settings,
+            "runs": _sides_json(group, analysis.rules),
+            "comparisons": [_comparison_json(c, root) for c in group.comparisons],
+            "unpaired": [
+                {"run": run.name(root), "backward": run.backward, "seed": run.seed, "reason": why}
+                for run, why in group.unpaired
+            ],
+        }
+        for group in analysis.groups
+    ]
+    return {
+        "version": SUMMARY_VERSION,
+        "confidence": CONFIDENCE,
+        "baseline": BASELINE,
+        "rules": analysis.rules,
+        "groups": groups,
+        "left_out": [
+            {"run": run.name(root), "epochs_done": len(run.metrics), "epochs": run.epochs}
+            for run in analysis.left_out
+        ],
+    }
+
+
+# ------------------------------------------------------------------------ report
+
+
+@dataclass
+class Report:
+    """What ``write_report`` wrote, and the table with its notes for the console."""
+
+    markdown: Path
+    summary: Path
+    text: str
+
+
+_CAPTION = (
+    "Test top-1 (%) after the last epoch. Per rule: mean ± sample std over the finished runs (n)."
+)
+_PAIRED_CAPTION = (
+    " {rule} − {base}: the mean of the paired differences (a pair is the two runs of one "
+    "seed whose recipes differ only in the backward rule) with its {level} % Student-t "
+    "interval over the pairs; W/T/L counts the pairs where {rule} is above / equal to / "
+    "below {base}; the verdict says whether the interval excludes 0. The train-loss column "
+    "is the same statistic for the last epoch's training loss (lower is better){ema}. See "
+    'the README\'s "Reading a comparison" for what this can and cannot say.'
+)
+_EMA_CAPTION = "; EMA top-1: the same for the weight average's top-1, over the pairs that have one"
+
+
+def _caption(analysis: Analysis) -> str:
+    if not analysis.paired:
+        return _CAPTION
+    return _CAPTION + _PAIRED_CAPTION.format(
+        rule=" / ".join(r.upper() for r in analysis.rules if r != BASELINE),
+        base=BASELINE.upper(),
+        level=round(CONFIDENCE * 100),
+        ema=_EMA_CAPTION if analysis.has_ema else "",
+    )
+
+
+def write_report(directory: str | Path) -> Report:
+    """Write ``report.md``, ``summary.json`` and the plots into ``directory`` from the
+    runs in it (or below it)."""
     directory = Path(directory)
     runs = find_runs(directory)
     mixed = provenance.mixed_versions_warning(run.path for run in runs)
     if mixed:
         print(f"ewgs: warning: {mixed}", file=sys.stderr)
-    keys = varying_keys(runs)
-    plots: list[Path] = []
-    for method in sorted({run.method for run in runs}):
-        plots.append(plot_curves(runs, method, directory / _file_name("curves", method)))
-    shown: set[tuple[str, str, str]] = set()
-    for run in sorted(runs, key=lambda r: (r.seed, str(r.path))):
-        key = _row_key(run, keys)
-        if run.backward == "ste" or len(run.deltas) < 2 or key in shown:
-            continue
-        shown.add(key)
-        name = _file_name("deltas", run.method, run.backward, run.bits, str(len(shown)))
-        plots.append(plot_deltas(run, directory / name))
-    unfinished = sum(not run.finished for run in runs)
-    text = [
+    analysis = analyse(runs, directory)
+    plots = write_plots(runs, directory)
+    text = "\n".join([_table(analysis), *_notes(analysis, directory)])
+    markdown = [
         f"# EWGS vs STE: {directory.name}",
         "",
-        "Test top-1 (%) after the last epoch, mean ± sample std over seeds "
-        "(n = number of runs); EWGS − STE is the difference of the means."
-        + (f" {unfinished} unfinished run(s) are left out of this table." if unfinished else ""),
+        _caption(analysis),
         "",
-        table(runs),
+        text,
         "",
         *([f"**Warning:** {mixed}.", ""] if mixed else []),
         "## Runs",
@@ -284,9 +267,15 @@ def write_report(directory: str | Path) -> Path:
         "",
         "## Plots",
         "",
+        "Curves: the mean over each setting's finished runs (the table's runs); an "
+        "unfinished run is left out, so it neither cuts a curve short nor bends it where "
+        "it stops (a setting with no finished run shows its unfinished ones, labelled so).",
+        "",
         *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
     ]
-    path = directory / rundir.REPORT
-    path.write_text("\n".join(text))
-    return path
+    report = Report(directory / rundir.REPORT, directory / rundir.SUMMARY, text)
+    rundir.write_atomic(report.markdown, "\n".join(markdown))
+    numbers = json.dumps(summary(analysis, directory), indent=2, default=str)
+    rundir.write_atomic(report.summary, numbers + "\n")
+    return report

@@ -15,7 +15,8 @@ A run directory holds (names below are the constants of this module):
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
 
-A folder of runs (``ewgs compare``) also holds ``report.md`` (``REPORT``) and its plots.
+A folder of runs (``ewgs compare``) also holds ``report.md`` (``REPORT``), its numbers in
+``summary.json`` (``SUMMARY``) and its plots.
 
 Every file is replaced atomically (``write_atomic`` / ``save_atomic``: a temporary file
 beside it, then ``os.replace``), so a reader never sees a half-written file. Under
@@ -46,6 +47,7 @@ DELTAS = "deltas.jsonl"
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
+SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
 ENVIRONMENT = "environment.json"
 #: the ``format`` entry of a checkpoint

@@ -7,8 +7,10 @@ import re
 import pytest
 from toys import digits_recipe, toy_plugins, write_recipe
 
-from ewgs_plugins import cli
-from ewgs_plugins.report import find_runs, table
+from ewgs_plugins import cli, rundir
+from ewgs_plugins.pairing import analyse
+from ewgs_plugins.report import table
+from ewgs_plugins.results import find_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -33,21 +35,26 @@ def test_compare_trains_the_matrix_then_writes_the_table_and_plots(tmp_path, cap
     )
     report = (tmp_path / "out" / "report.md").read_text()
     lines = [line for line in report.splitlines() if line.startswith("| toy")]
-    header = "| method | bits | STE | EWGS | EWGS − STE |"
+    header = (
+        "| method | bits | STE | EWGS | EWGS − STE (95 % CI) | W/T/L | verdict "
+        "| EWGS − STE train loss (95 % CI) |"
+    )
     assert header in report and header in out
     cell = r"[\d.]+ ± [\d.]+ \(n=2\)"
-    pattern = rf"\| (toy|toy_plain) \| W2A2 \| {cell} \| {cell} \| [+-][\d.]+ \|"
+    diff = r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \(n=2\)"
+    pattern = (
+        rf"\| (toy|toy_plain) \| W2A2 \| {cell} \| {cell} \| {diff} \| \d/\d/\d \| .+ \| {diff} \|"
+    )
     table_rows = [line for line in lines if re.fullmatch(pattern, line)]
     assert len(table_rows) == 2
-    # the EWGS − STE column is the difference of the means of the final top-1
+    # the EWGS − STE column is the mean of the differences of the seeds' final top-1
     results = find_runs(tmp_path / "out")
     for row in table_rows:
         method = row.split(" | ")[0].removeprefix("| ")
-        mean = {
-            b: sum(r.final_top1 for r in results if (r.method, r.backward) == (method, b)) / 2
-            for b in ("ste", "ewgs")
-        }
-        assert row.endswith(f"| {mean['ewgs'] - mean['ste']:+.2f} |")
+        top1 = {(r.backward, r.seed): r.final_top1 for r in results if r.method == method}
+        mean = sum(top1["ewgs", s] - top1["ste", s] for s in (0, 1)) / 2
+        assert f"| {mean:+.2f} [" in row
+    assert (tmp_path / "out" / rundir.SUMMARY).is_file() and "summary: " in out
     plots = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert plots == [
         "curves_toy.png",
@@ -78,12 +85,16 @@ def test_report_splits_rows_by_other_varying_keys_and_counts_unfinished_runs(tmp
     assert cli.main(["compare", str(path)]) == 0
     runs = find_runs(tmp_path / "out")
     text = table(runs)
-    assert "| method | bits | settings | STE | EWGS | EWGS − STE |" in text
+    assert "| method | bits | settings | STE | EWGS | EWGS − STE (95 % CI) |" in text
     assert "| toy | W2A2 | optimizers.weights.lr=0.01 |" in text
     assert "| toy | W2A2 | optimizers.weights.lr=0.02 |" in text
+    assert text.count("one pair: no interval") == 2
     # a run with fewer epochs than its recipe asks is left out of the table
     runs[0].recipe["epochs"] = 2
-    assert text.count("(n=1)") == 4 and table(runs).count("(n=1)") == 3
+    analysis = analyse(runs)
+    assert analysis.left_out == [runs[0]]
+    assert sum(len(group.runs) for group in analysis.groups) == 3
+    assert table(runs).count("one pair: no interval") == 1
     capsys.readouterr()
     assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -118,5 +129,6 @@ def test_a_diverging_run_does_not_stop_the_others(tmp_path, capsys):
     assert "the training loss is nan at epoch 1" in captured.err
     assert "1 of 2 runs stopped early (callbacks=_nan_loss_epoch_1)" in captured.err
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "1 unfinished run(s) are left out of this table" in report
+    assert "Left out (1 unfinished run(s), in no column):" in report
+    assert "Left out (1 unfinished run(s), in no column):" in captured.out
     assert "1/2 (unfinished)" in report

@@ -155,7 +155,7 @@ def test_run_directory_file_names_only_in_rundir() -> None:
     from ewgs_plugins import rundir
 
     names = [rundir.RECIPE, rundir.METRICS_JSONL, rundir.METRICS_CSV, rundir.DELTAS]
-    names += [rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST, rundir.REPORT]
+    names += [rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST, rundir.REPORT, rundir.SUMMARY]
     for module, path in module_files().items():
         if module == "ewgs_plugins.rundir":
             continue

@@ -15,7 +15,7 @@ from test_data import write_cifar10, write_image_folder
 from ewgs_plugins import cli
 from ewgs_plugins.recipe import expand_runs, load_runs
 from ewgs_plugins.registry import registry
-from ewgs_plugins.report import find_runs
+from ewgs_plugins.results import find_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -152,7 +152,9 @@ def test_the_demo_trains_every_method_under_ste_and_ewgs(tmp_path, capsys):
         (m, b) for m in ("interval", "dorefa", "lsq", "profit") for b in ("ste", "ewgs")
     }
     assert all(r.finished for r in runs)
-    assert "| method | bits | STE | EWGS | EWGS − STE |" in capsys.readouterr().out
+    assert "| method | bits | STE | EWGS | EWGS − STE (95 % CI) | W/T/L | verdict |" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_readme_recipe_example_is_a_valid_recipe(tmp_path):
