@@ -267,9 +267,9 @@ class _LayerSettings:
         changes: dict[str, Any] = {}
         if override.weight_bits is not None or override.activation_bits is not None:
             changes["quantize"] = True  # bits given by name: the first/last layer too
-        for key in ("method", "backward"):
+        for key in ("method", "backward"):  # resolved by quantize_model
             if getattr(override, key) is not None:
-                changes[key] = _resolve(key, getattr(override, key))
+                changes[key] = getattr(override, key)
         for key in ("weight_bits", "activation_bits"):
             if getattr(override, key) is not None:
                 changes[key] = check_bits(getattr(override, key), key)
@@ -334,11 +334,17 @@ def quantize_model(
         raise ValueError(f"exclude names layers the model does not have: {sorted(unknown)}")
     if not candidates:
         raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
-    for index in unmatched_overrides(model, overrides):
+    unmatched = unmatched_overrides(model, overrides)
+    if unmatched:
+        patterns = ", ".join(overrides[unmatched[0]].layers)
         raise ValueError(
-            f"override {index} ({', '.join(overrides[index].layers)}) matches no "
-            f"nn.Conv2d/nn.Linear layer; layers: {', '.join(candidates)}"
+            f"override {unmatched[0]} ({patterns}) matches no nn.Conv2d/nn.Linear layer; "
+            f"layers: {', '.join(candidates)}"
         )
+    overrides = [
+        replace(o, method=_resolve("method", o.method), backward=_resolve("backward", o.backward))
+        for o in overrides
+    ]
     first, last = candidates[0], candidates[-1]
     defaults = _LayerSettings(True, method, weight_bits, activation_bits, backward, float(delta))
     for name in candidates:
@@ -348,9 +354,9 @@ def quantize_model(
         for override in overrides:
             if override.matches(name):
                 settings = settings.apply(override)
-        input_bits = FULL_PRECISION if name == first else settings.activation_bits
         if not settings.quantize:
             continue
+        input_bits = FULL_PRECISION if name == first else settings.activation_bits
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child_name)

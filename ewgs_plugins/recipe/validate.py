@@ -32,11 +32,12 @@ def validate(recipe: Recipe) -> None:
     spec.check(recipe.data.root)
     with torch.device("meta"):
         model = recipe.make_model(spec.num_classes(recipe.data.root))
-    for index in unmatched_overrides(model, overrides):
+    unmatched = unmatched_overrides(model, overrides)
+    if unmatched:
         raise ConfigError(
-            f"overrides[{index}].layers",
-            f"{', '.join(overrides[index].layers)} matches no conv/linear layer of model "
-            f"{recipe.model.name!r}; its layers: {', '.join(quantizable_layers(model))}",
+            f"overrides[{unmatched[0]}].layers",
+            f"{', '.join(overrides[unmatched[0]].layers)} matches no conv/linear layer of "
+            f"model {recipe.model.name!r}; its layers: {', '.join(quantizable_layers(model))}",
         )
     if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
         raise ConfigError(
