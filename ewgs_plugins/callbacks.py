@@ -12,8 +12,10 @@ validation calls it.
 
 Generic QAT tools registered here (any method): ``distill`` (knowledge distillation from
 a full-precision teacher) and ``ema`` (an exponential moving average of the model,
-evaluated every epoch); see ``ewgs_plugins.qat_callbacks``. ``tensorboard`` logs the run
-for TensorBoard (``ewgs_plugins.tensorboard``; needs the ``tensorboard`` extra).
+evaluated every epoch); see ``ewgs_plugins.qat_callbacks``. ``mechanism`` writes what a
+backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mechanism``).
+``tensorboard`` logs the run for TensorBoard (``ewgs_plugins.tensorboard``; needs the
+``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .backward import StraightThrough
 from .delta import DeltaEstimator
 from .errors import PluginError
 from .hookspecs import PROJECT, LifecycleSpec, hookimpl
+from .mechanism import Mechanism
 from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, fixed_delta_sites, set_deltas
 from .tensorboard import TensorBoard
@@ -138,4 +141,9 @@ class DeltaSchedule:
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    return {"distill": Distill, "ema": WeightEMA, "tensorboard": TensorBoard}
+    return {
+        "distill": Distill,
+        "ema": WeightEMA,
+        "mechanism": Mechanism,
+        "tensorboard": TensorBoard,
+    }

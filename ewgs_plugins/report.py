@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance, rundir
+from .mechanism_plots import plot_mechanism_runs
 from .pairing import BASELINE, Analysis, Comparison, Group, analyse
 from .report_plots import write_plots
 from .results import RunResult, find_runs
@@ -251,7 +252,7 @@ def write_report(directory: str | Path) -> Report:
     if mixed:
         print(f"ewgs: warning: {mixed}", file=sys.stderr)
     analysis = analyse(runs, directory)
-    plots = write_plots(runs, directory)
+    plots = write_plots(runs, directory) + plot_mechanism_runs(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
     markdown = [
         f"# EWGS vs STE: {directory.name}",

@@ -15,11 +15,15 @@ recomputes its discretization error from it and costs no activation memory over 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .backward import BackwardRule, RoundContext, StraightThrough
+
+#: ``observer(latent, rounded, steps, low, high)``: see ``RoundSite.observer``
+RoundObserver = Callable[[Tensor, Tensor, int, float | None, float | None], None]
 
 _OPEN_BOUNDS: dict[tuple[float, float, torch.dtype], tuple[float, float]] = {}
 
@@ -90,6 +94,11 @@ class RoundSite(nn.Module):
     While ``capture`` is a list, each call appends ``(rounded, steps)``: the
     discrete values as non-leaf tensors of the training graph, which the Hessian δ
     estimator differentiates against.
+
+    While ``observer`` is set, each call also hands it ``(latent, rounded, steps, low,
+    high)`` to read (never to change): how a callback sees the latent in level units
+    and the clip bounds of any method (``ewgs_plugins.mechanism``). Unset (None), it
+    costs nothing.
     """
 
     def __init__(self, rule: BackwardRule | None = None, delta: float = 0.0) -> None:
@@ -101,6 +110,7 @@ class RoundSite(nn.Module):
         self._delta_value = 0.0
         self.set_delta(delta)
         self.capture: list[tuple[Tensor, int]] | None = None
+        self.observer: RoundObserver | None = None
         self.last_steps: int | None = None
 
     def set_delta(self, value: float) -> None:
@@ -134,6 +144,8 @@ class RoundSite(nn.Module):
                 # discrete values a leaf so the Hessian can still be taken against them.
                 rounded = rounded.detach().requires_grad_()
             self.capture.append((rounded, steps))
+        if self.observer is not None:
+            self.observer(latent, rounded, steps, low, high)
         return rounded
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]

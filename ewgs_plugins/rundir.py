@@ -6,6 +6,8 @@ A run directory holds (names below are the constants of this module):
 - ``metrics.jsonl`` / ``metrics.csv`` (``METRICS_JSONL`` / ``METRICS_CSV``): one row per
   finished epoch;
 - ``deltas.jsonl`` (``DELTAS``): δ of every active round site each time it changes;
+- ``mechanism.jsonl`` (``MECHANISM``): with the ``mechanism`` callback, what the backward
+  rule does to the latent weights, per layer and epoch;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
 - ``environment.json`` (``ENVIRONMENT``): what produced the run (command line, code
@@ -44,6 +46,8 @@ RECIPE = "recipe.yaml"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 DELTAS = "deltas.jsonl"
+#: written by the ``mechanism`` callback (``ewgs_plugins.mechanism``)
+MECHANISM = "mechanism.jsonl"
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
@@ -141,6 +145,10 @@ def read_environment(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``environment.json``, or None if it has none."""
     path = run_dir / ENVIRONMENT
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir / MECHANISM)
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any] | None:

@@ -23,6 +23,13 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 RUNS = {"digits": 24, "resnet20_fp": 1, "resnet18": 32, "resnet34": 32, "digits_profit": 6}
 #: recipes of PROFIT's training strategy: PROFIT alone, under STE and EWGS
 PROFIT_RECIPES = {"mobilenet_v2_w4a4_profit": 2, "resnet20_w4a4_profit": 2, "digits_profit": 6}
+#: the studies of issue 16: one method, four arms (matrix.arms) × three seeds
+STUDY_RECIPES = {
+    "resnet20_w1a1_study": "interval",
+    "resnet20_w1a1_study_dev": "interval",
+    "resnet20_w1a1_dorefa_study": "dorefa",
+    "resnet20_w1a1_dorefa_study_dev": "dorefa",
+}
 
 
 def local_files(path: Path, tmp_path: Path) -> list[str]:
@@ -57,11 +64,15 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
             r"# Reproduces: (the paper's (CIFAR-10|ImageNet) |no published result)", text
         )
     runs = load_runs(path, local_files(path, tmp_path))
-    assert len(runs) == PROFIT_RECIPES.get(path.stem, RUNS.get(path.stem, 8))
+    if path.stem in STUDY_RECIPES:
+        assert len(runs) == 12
+        assert {r.recipe.method.name for r in runs} == {STUDY_RECIPES[path.stem]}
+    else:
+        assert len(runs) == PROFIT_RECIPES.get(path.stem, RUNS.get(path.stem, 8))
     if path.stem in PROFIT_RECIPES:
         assert {r.recipe.method.name for r in runs} == {"profit"}
         assert all("profit" in r.recipe.callbacks for r in runs)
-    elif path.stem != "resnet20_fp":
+    elif path.stem not in ("resnet20_fp", *STUDY_RECIPES):
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa", "lsq", "profit"}
     if path.stem != "resnet20_fp":
         assert {r.recipe.backward for r in runs} == {"ste", "ewgs"}
@@ -80,6 +91,34 @@ def test_the_paper_settings_are_in_the_recipes():
     assert weights["weight_decay"] == 1e-4 and weights["nesterov"] is False
     assert imagenet["delta"]["batch_size"] == 16
     assert imagenet["delta"]["options"] == {"every": 1, "unit": "epoch", "batches": 10}
+
+
+@pytest.mark.parametrize("name", ["resnet20_w1a1_study", "resnet20_w1a1_dorefa_study"])
+def test_the_studies_run_the_papers_protocol_at_both_scales(name, tmp_path):
+    """Four arms over three seeds; δ = 0 until the first Hessian estimate after 2.5 % of
+    training, then one every 2.5 % (the paper's 10 of 400 epochs), in both scales; the
+    development version on the 10,000 development images, 40 steps an epoch."""
+    for stem, steps_per_epoch in ((name, None), (f"{name}_dev", math.ceil(10_000 / 256))):
+        path = ROOT / "recipes" / "cifar10" / f"{stem}.yaml"
+        runs = {r.name: r.recipe for r in load_runs(path, local_files(path, tmp_path / stem))}
+        arms = {n.rsplit("-", 1)[0] for n in runs}
+        fixed = "ewgs-fixed-1e-3" if STUDY_RECIPES[stem] == "interval" else "ewgs-fixed-1e-2"
+        assert arms == {"ste", "ewgs-paper", "ewgs-first-step", fixed}
+        assert {r.seed for r in runs.values()} == {0, 1, 2}
+        assert all("mechanism" in r.callbacks for r in runs.values())
+        paper = runs["ewgs-paper-seed0"]
+        assert paper.backward == "ewgs" and paper.delta.name == "hessian"
+        assert paper.delta.options.get("initial_value", 0.0) == 0.0
+        every = paper.delta.options["every"]
+        if paper.delta.options["unit"] == "epoch":
+            assert every / paper.epochs == 10 / 400
+        else:
+            assert every / (paper.epochs * steps_per_epoch) == 10 / 400
+            assert paper.epochs >= 20
+        first = runs["ewgs-first-step-seed0"].delta
+        assert first.options == {**paper.delta.options, "before_training": True}
+        assert runs[f"{fixed}-seed0"].delta.name == "fixed"
+        assert runs["ste-seed0"].backward == "ste"
 
 
 def read_yaml(path: Path) -> dict:

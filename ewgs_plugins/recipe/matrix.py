@@ -1,6 +1,14 @@
 """Command-line overrides (``key.path=value``) and the ``matrix:`` that expands one recipe
 into several runs: each matrix key is a dotted key path and each value a list; the runs
-are the Cartesian product, in the order written, each checked by ``validate``."""
+are the Cartesian product, in the order written, each checked by ``validate``.
+
+One matrix key is not a key path: ``arms``, a mapping of named arms, each a mapping of key
+paths to values that the arm sets together (``ste: {backward: ste}``, ``ewgs-fixed:
+{backward: ewgs, delta: {name: fixed}}``). It is one axis of the product, whose run label
+is the arm's name: how a study compares settings that are not a product (one STE
+baseline against several EWGS variants). An arm's setting replaces what the recipe, with
+the command line's overrides, holds at its key, so an override reaches the arms that do
+not set it (or a section above it); an override that no arm would see is refused."""
 
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``key.path=value`` -> (key path, value parsed as YAML)."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z0-9_][\w-]*)*", key):
+    if not sep or not re.fullmatch(_KEY_PATH, key):
         raise ConfigError("", f"expected key.path=value on the command line, got {text!r}")
     return key, parse_yaml(value, f"command line override {text!r}")
 
@@ -60,6 +68,9 @@ class Run:
 
 
 _NAME_AXES = {"method", "backward", "model", "data", "delta"}
+#: the matrix key of named arms (not a key path)
+ARMS = "arms"
+_KEY_PATH = r"[A-Za-z_][\w-]*(\.[A-Za-z0-9_][\w-]*)*"
 
 
 def _value_label(key: str, value: Any) -> str:
@@ -102,26 +113,36 @@ def expand_runs(
         raise ConfigError("matrix", f"expected a mapping key.path -> list, got {matrix!r}", source)
     axes: list[tuple[str, list[Any]]] = []
     for key, values in matrix.items():
-        if not isinstance(values, list) or not values:
+        if key == ARMS:
+            values = _arms(values, source)
+        elif not isinstance(values, list) or not values:
             raise ConfigError(
                 f"matrix.{key}", f"expected a non-empty list of values, got {values!r}", source
             )
         axes.append((str(key), values))
     for key, origin in origins.items():
-        for axis, _ in axes:
-            if _under(key, axis):
-                raise ConfigError(
-                    key, f"is set by matrix.{axis}; override matrix.{axis}=[...] instead", origin
-                )
+        for axis, values in axes:
+            problem = _check_override(key, axis, values)
+            if problem:
+                raise ConfigError(key, problem, origin)
     base_output = data.get("output") or default_output
     runs: list[Run] = []
     for combination in itertools.product(*(range(len(values)) for _, values in axes)):
         run_data = copy.deepcopy(data)
-        renames = {key: f"matrix.{key}[{index}]" for (key, _), index in zip(axes, combination)}
+        chosen = [(key, values[index], index) for (key, values), index in zip(axes, combination)]
+        renames: dict[str, str] = {}
+        for key, value, index in chosen:
+            if key == ARMS:
+                renames.update({path: f"matrix.{ARMS}.{value[0]}.{path}" for path in value[1]})
+            else:
+                renames[key] = f"matrix.{key}[{index}]"
         with _error_source(source, origins, renames):
-            for (key, values), index in zip(axes, combination):
-                set_path(run_data, key, values[index])
-            labels = [_value_label(key, values[i]) for (key, values), i in zip(axes, combination)]
+            for key, value, _ in chosen:
+                for path, setting in value[1].items() if key == ARMS else [(key, value)]:
+                    set_path(run_data, path, setting)
+            labels = [
+                value[0] if key == ARMS else _value_label(key, value) for key, value, _ in chosen
+            ]
             name = _safe_name("-".join(labels)) if axes else ""
             run_data["output"] = str(Path(base_output) / name) if name else base_output
             recipe = parse_section(Recipe, run_data, "")
@@ -135,6 +156,58 @@ def expand_runs(
             "matrix", f"two runs would share the directory name {duplicates[0]!r}", source
         )
     return runs
+
+
+def _arms(arms: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
+    """``matrix.arms`` checked: (name, {key path: value}) per arm, in the order written."""
+    if not isinstance(arms, Mapping) or not arms:
+        raise ConfigError(
+            f"matrix.{ARMS}",
+            f"expected a mapping of named arms, each {{key.path: value, ...}}, got {arms!r}",
+            source,
+        )
+    checked = []
+    for name, settings in arms.items():
+        where = f"matrix.{ARMS}.{name}"
+        if not isinstance(name, str) or _safe_name(name) != name:
+            raise ConfigError(
+                where,
+                "an arm's name is its runs' directory label: use letters, digits and _.=+-",
+                source,
+            )
+        if not isinstance(settings, Mapping) or not settings:
+            raise ConfigError(
+                where, f"expected a mapping key.path -> value, got {settings!r}", source
+            )
+        for path in settings:
+            if not isinstance(path, str) or not re.fullmatch(_KEY_PATH, path):
+                raise ConfigError(f"{where}.{path}", "expected a dotted key path", source)
+        checked.append((name, dict(settings)))
+    return checked
+
+
+def _check_override(key: str, axis: str, values: list[Any]) -> str | None:
+    """Why the override of ``key`` would be lost under the matrix ``axis``, or None. A
+    plain axis sets its key in every run; an arm sets its keys in its own runs, so an
+    override is lost only when every arm sets its key or a section above it (an arm's
+    setting replaces what the recipe, overrides included, has there)."""
+    if axis != ARMS:
+        if _under(key, axis):
+            return f"is set by matrix.{axis}; override matrix.{axis}=[...] instead"
+        return None
+    setters = [
+        (name, path)
+        for name, settings in values
+        for path in settings
+        if key == path or key.startswith(path + ".")
+    ]
+    if len({name for name, _ in setters}) < len(values):
+        return None
+    name, path = setters[0]
+    return (
+        f"is set by every arm of matrix.{ARMS}; override matrix.{ARMS}.{name}.{path}=... "
+        "(each arm's own) instead"
+    )
 
 
 @contextlib.contextmanager
