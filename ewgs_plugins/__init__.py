@@ -3,9 +3,10 @@ rounding is a plugin (STE, EWGS)."""
 
 from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, StraightThrough
 from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
-from .errors import ConfigError, EwgsError, PluginError, TrainingError
+from .errors import ConfigError, EwgsError, ExportError, PluginError, TrainingError
 from .hookspecs import hookimpl
 from .quant import (
+    IntegerMap,
     LayerOverride,
     QuantConv2d,
     Quantizer,
@@ -28,8 +29,10 @@ __all__ = [
     "DeltaEstimator",
     "ElementWiseGradientScaling",
     "EwgsError",
+    "ExportError",
     "FixedDelta",
     "HessianDelta",
+    "IntegerMap",
     "LayerOverride",
     "PluginError",
     "QuantConv2d",

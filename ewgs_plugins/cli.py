@@ -3,6 +3,8 @@
     ewgs train RECIPE [key=value ...] [--resume]     one run
     ewgs compare RECIPE [key=value ...] [--resume]   every run of the matrix, then the report
     ewgs report RUN_DIR                              paired table + plots from finished runs
+    ewgs export RUN_DIR [--format int|onnx] [--out PATH]   the trained integers / ONNX
+    ewgs summary RUN_DIR                             per-layer table and model size
     ewgs plugins                                     what is registered, from which plugin
 
 Bad input (a recipe error, a missing file, an unknown plugin) prints one line and
@@ -17,11 +19,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import distributed
+from . import distributed, export, rundir
 from .errors import ConfigError, EwgsError, TrainingError
-from .recipe import load_recipe, load_runs
-from .registry import KINDS, registry
+from .recipe import Run, load_recipe, load_runs
+from .registry import KINDS, load_registry
 from .report import write_report
+from .summary import summary_markdown
 from .train import Trainer, finished_run
 
 
@@ -32,7 +35,9 @@ def _say(*text: object) -> None:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    reg = registry()
+    """Everything that loaded, then one line per plugin that did not (status 2): the
+    command that finds a broken plugin must work while one is broken."""
+    reg = load_registry(strict=False)
     for kind, (_, label) in KINDS.items():
         entries = reg.entries(kind)
         print(f"{label}s:")
@@ -41,7 +46,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         for name in sorted(entries):
             entry = entries[name]
             print(f"  {name:<16} plugin {entry.plugin} ({entry.distribution})")
-    return 0
+    for message in reg.failed:
+        print(f"ewgs: error: {message}", file=sys.stderr)
+    return 2 if reg.failed else 0
 
 
 @contextlib.contextmanager
@@ -58,12 +65,11 @@ def _source(recipe: str) -> Iterator[None]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    with _source(args.recipe):
-        finished = finished_run(recipe)
-    if args.resume and finished:
-        _say(f"{recipe.output}: the run has finished already; nothing to resume")
-        return 0
-    with _source(args.recipe):
+    with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
+        finished = finished_run(recipe, resume=args.resume)
+        if args.resume and finished:
+            _say(f"{recipe.output}: the run has finished already; nothing to resume")
+            return 0
         Trainer(recipe, resume=args.resume).run()
     _say(f"run directory: {recipe.output}")
     return 0
@@ -75,8 +81,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     base = Path(first.recipe.output or "")
     if first.name:
         base = base.parent
-    with _source(args.recipe):
-        states = [finished_run(run.recipe) for run in runs]  # before training anything
+    with rundir.lock(base), _source(args.recipe):  # held until every run is trained
+        return _compare(args, runs, base)
+
+
+def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
+    with _source(args.recipe):  # before training anything
+        states = [finished_run(run.recipe, resume=args.resume) for run in runs]
     for run, state in zip(runs, states):
         if state is False and not args.resume:
             raise ConfigError(
@@ -120,6 +131,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "int":
+        path = export.export_int(args.run_dir, args.out, args.checkpoint)
+        print(f"int export: {path} (manifest {path.with_suffix('.json')})")
+        return 0
+    path = export.export_onnx(args.run_dir, args.out, args.checkpoint)
+    print(f"ONNX model: {path}")
+    if args.check:
+        run = export.load_run(args.run_dir, args.checkpoint)
+        inputs, _ = export.first_test_images(run.recipe, args.check)
+        print(export.check_onnx(path, run.model, inputs))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    run = export.load_run(args.run_dir, args.checkpoint)
+    text = summary_markdown(run.model, f"{run.run_dir.name}: {run.checkpoint.name}")
+    print(text)
+    rundir.write_atomic(run.run_dir / rundir.LAYER_SUMMARY, text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ewgs",
@@ -149,6 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="table and plots from finished runs")
     report.add_argument("run_dir", help="a run directory, or a folder of them")
     report.set_defaults(handler=_cmd_report)
+
+    checkpoint_help = "which checkpoint of the run (default: last)"
+    export = commands.add_parser(
+        "export", help="the trained integers (safetensors + JSON) or an ONNX model"
+    )
+    export.add_argument("run_dir", help="a run directory of `ewgs train`")
+    export.add_argument("--format", choices=("int", "onnx"), default="int")
+    export.add_argument(
+        "--out",
+        help="the file to write (default: RUN_DIR/model_int.safetensors, RUN_DIR/model.onnx)",
+    )
+    export.add_argument(
+        "--checkpoint", choices=("last", "best"), default="last", help=checkpoint_help
+    )
+    export.add_argument(
+        "--check",
+        type=int,
+        default=512,
+        metavar="N",
+        help="onnx: compare onnxruntime with PyTorch on the first N test images (0: no check)",
+    )
+    export.set_defaults(handler=_cmd_export)
+
+    summary = commands.add_parser(
+        "summary", help="per-layer table (bits, δ, maps, sizes); also writes summary.md"
+    )
+    summary.add_argument("run_dir", help="a run directory of `ewgs train`")
+    summary.add_argument(
+        "--checkpoint", choices=("last", "best"), default="last", help=checkpoint_help
+    )
+    summary.set_defaults(handler=_cmd_summary)
     return parser
 
 

@@ -8,12 +8,16 @@ is a ``ConfigError`` at ``data.root`` saying what was expected and how to get th
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -53,21 +57,77 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
+def _numpy_array_globals() -> dict[tuple[str, str], Any]:
+    """The globals a pickled NumPy array refers to, under every name NumPy has used."""
+    example = np.zeros(1, np.uint8)
+    reconstruct, frombuffer = example.__reduce__()[0], example.__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR-10's batch files hold: dicts, lists,
+    strings, numbers and NumPy arrays (through NumPy's own ``_reconstruct``, named
+    ``numpy.core.multiarray`` in the original Python-2 files and ``numpy._core`` in
+    NumPy 2's, or ``_frombuffer`` under pickle protocol 5). Any other global (a
+    function to call, a class to build) is refused, so no code in the file runs."""
+
+    ALLOWED = _numpy_array_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which is not part of CIFAR-10's format "
+                "(only NumPy arrays, lists and strings are read from it)"
+            )
+        return found
+
+
+def read_cifar10_file(path: Path) -> dict[str, Any]:
+    """One pickled dict of CIFAR-10's Python format, read without running code from it
+    (``_ArraysOnly``). Python 2's byte strings (the original files' keys and pixel
+    data) are read as Latin-1, as torchvision does. A file that is not such a dict is a
+    ``ConfigError`` at ``data.root`` naming it."""
+    try:
+        with open(path, "rb") as handle:
+            loaded = _ArraysOnly(handle, encoding="latin1").load()
+    except OSError as error:
+        raise ConfigError("data.root", f"{path}: cannot be read: {error}") from None
+    except Exception as error:  # a user's file: any failure to unpickle it is bad input
+        raise ConfigError(
+            "data.root", f"{path}: not a CIFAR-10 batch file ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            "data.root", f"{path}: not a CIFAR-10 batch file (holds a {type(loaded).__name__})"
+        )
+    return loaded
+
+
 @dataclass
 class Cifar10(DatasetSpec):
-    """CIFAR-10 in torchvision's on-disk format: ``ROOT/cifar-10-batches-py/``.
+    """CIFAR-10 in its Python format (as torchvision stores it): ``ROOT/cifar-10-batches-py/``.
 
     Training augmentation: random crop 32 with padding 4, horizontal flip; both sets
     normalized per channel. ``download`` fetches it (only when asked). ``verify``
-    checks the files' MD5 sums as torchvision does; ``false`` checks only that they
-    exist, for a copy in the same format with other contents (a subset, say).
+    checks the files' MD5 sums against CIFAR-10's; ``false`` reads files in the same
+    format with other contents (a subset, say). Either way the files are read as data
+    only: the pickles may hold arrays, lists and strings, never code (``_ArraysOnly``).
     """
 
     download: bool = False
     verify: bool = True
     augment: bool = True
 
-    FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+    TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+    FILES = (*TRAIN_FILES, "test_batch", "batches.meta")
 
     def _how(self, root: Path | str) -> str:
         return (
@@ -89,47 +149,88 @@ class Cifar10(DatasetSpec):
     def num_classes(self, root: str | None) -> int:
         return 10
 
-    def _dataset(self, root: str | None, train: bool, transform: Callable) -> Dataset:
-        self.check(root)
-        cls = _cifar10_class(self.verify)
-        try:
-            return cls(str(root), train=train, transform=transform, download=self.download)
-        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+    def _fetch(self, root: str) -> None:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        folder = Path(root) / "cifar-10-batches-py"
+        if all((folder / name).is_file() for name in self.FILES):
+            return
+        download_and_extract_archive(_CIFAR10_URL, root, md5=CIFAR10.tgz_md5)
+
+    def _verify(self, path: Path) -> None:
+        from torchvision.datasets import CIFAR10
+
+        expected = {name: md5 for name, md5 in (*CIFAR10.train_list, *CIFAR10.test_list)}
+        expected[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
+        digest = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+        if digest != expected[path.name]:
             raise ConfigError(
                 "data.root",
-                f"{root}: {error} (set data.options.verify: false to accept files in "
-                f"CIFAR-10's format with other contents); {self._how(root or '')}",
-            ) from None
+                f"{path}: its MD5 sum is {digest}, CIFAR-10's is {expected[path.name]}: the "
+                "file is damaged (download it again) or holds other data in CIFAR-10's "
+                "format (set data.options.verify: false to train on it; it is read as "
+                f"arrays only either way); {self._how(path.parent.parent)}",
+            )
+
+    def _images(self, root: str | None, train: bool) -> tuple[np.ndarray, list[int]]:
+        """The images (N, 32, 32, 3, uint8) and labels of one split."""
+        self.check(root)
+        if self.download:
+            self._fetch(str(root))
+        folder = Path(str(root)) / "cifar-10-batches-py"
+        names = self.TRAIN_FILES if train else ("test_batch",)
+        data, labels = [], []
+        for name in names:
+            path = folder / name
+            if self.verify:
+                self._verify(path)
+            entry = read_cifar10_file(path)
+            images, targets = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+            if not (
+                isinstance(images, np.ndarray)
+                and images.dtype == np.uint8
+                and images.ndim == 2
+                and images.shape[1] == 3 * 32 * 32
+                and isinstance(targets, list)
+                and len(targets) == len(images)
+                and all(isinstance(t, int) and 0 <= t < 10 for t in targets)
+            ):
+                raise ConfigError(
+                    "data.root",
+                    f"{path}: not a CIFAR-10 batch file (expected 'data': uint8 array of "
+                    "N×3072 and 'labels': N integers 0..9)",
+                )
+            data.append(images)
+            labels += targets
+        return np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
     def train_set(self, root: str | None) -> Dataset:
         from torchvision import transforms as T
 
         augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
         normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-        return self._dataset(root, True, T.Compose([*augment, *normalize]))
+        return ArrayImages(*self._images(root, True), T.Compose([*augment, *normalize]))
 
     def test_set(self, root: str | None) -> Dataset:
         from torchvision import transforms as T
 
-        return self._dataset(
-            root, False, T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-        )
+        transform = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+        return ArrayImages(*self._images(root, False), transform)
 
 
-def _cifar10_class(verify: bool) -> type:
-    from torchvision.datasets import CIFAR10
+class ArrayImages(Dataset):
+    """Images in memory, (N, H, W, 3) uint8, served as PIL images through ``transform``
+    (as torchvision's CIFAR10 does), with integer labels."""
 
-    if verify:
-        return CIFAR10
+    def __init__(self, images: np.ndarray, labels: list[int], transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
 
-    class UncheckedCIFAR10(CIFAR10):
-        # torchvision's own loader with no MD5 sums: its integrity check then only
-        # tests that each file exists.
-        train_list = [[name, None] for name, _ in CIFAR10.train_list]
-        test_list = [[name, None] for name, _ in CIFAR10.test_list]
-        meta = {**CIFAR10.meta, "md5": None}
+    def __len__(self) -> int:
+        return len(self.labels)
 
-    return UncheckedCIFAR10
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
 # ------------------------------------------------------------------------ ImageNet

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 
 class EwgsError(Exception):
     """Base class of every error the library raises on bad input."""
@@ -24,3 +26,26 @@ class PluginError(EwgsError):
 
 class TrainingError(EwgsError):
     """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class ExportError(EwgsError):
+    """A model cannot be exported: a method that does not state its integer map, a run
+    directory without a checkpoint, a missing optional dependency."""
+
+
+class RunDirError(EwgsError):
+    """A run directory cannot be written (a full disk, a read-only file system), is in
+    use by another process, or holds a damaged file; the message names the file."""
+
+
+def load_failure(error: Exception) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` of a user's file
+    failed. Torch's own message spans lines and suggests ``weights_only=False``, which
+    would run code from the file: neither belongs in an error."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            "it holds objects other than tensors and plain values, which are never loaded "
+            "(loading them could run code from the file)"
+        )
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from .errors import load_failure
 from .hookspecs import hookimpl
 from .quant import QUANT_LAYERS, Quantizer
 
@@ -222,7 +223,7 @@ def load_full_precision(model: nn.Module, path: str | Path) -> None:
     except Exception as error:
         raise ValueError(
             f"{path}: cannot be read as a state_dict with torch.load(weights_only=True): "
-            f"{type(error).__name__}: {error}"
+            f"{load_failure(error)}"
         ) from None
     state = loaded
     if isinstance(loaded, Mapping):

@@ -2,7 +2,15 @@
 and output, and paired by seed within a group (an STE run and a run of another rule
 whose recipes differ only in the backward rule), with the paired statistics of their
 final metrics. The runs in no pair are kept, each with the reason; unfinished runs are
-left out."""
+left out.
+
+δ has no effect under STE (nothing is estimated: the gradient is g_q whatever δ is), so
+an STE run's identity leaves out the ``delta`` section: each group of another rule (its
+own δ settings label its row) takes the STE runs that match it apart from δ, preferring,
+per seed, one whose δ section is the group's too. One STE run may so be the baseline of
+several rows (a study's EWGS δ arms against one STE run per seed). Runs of other rules
+never pair across δ settings.
+"""
 
 from __future__ import annotations
 
@@ -51,8 +59,9 @@ class Comparison:
 
 @dataclass
 class Group:
-    """Finished runs whose recipes differ only in backward rule, seed and output: one
-    row of the table."""
+    """Finished runs of the other rules whose recipes differ only in backward rule, seed
+    and output, with the STE runs that pair with them (or, in a row of STE runs only,
+    STE runs that match no other rule's runs): one row of the table."""
 
     method: str
     bits: str
@@ -79,16 +88,35 @@ class Analysis:
         """Whether some pair has an EMA accuracy on both sides."""
         return any(c.ema_top1 for group in self.groups for c in group.comparisons)
 
+    def shared_baseline(self) -> list[tuple[RunResult, list[Group]]]:
+        """The baseline runs paired in more than one row, each with those rows."""
+        rows: dict[int, tuple[RunResult, list[Group]]] = {}
+        for group in self.groups:
+            used = {id(b): b for c in group.comparisons for b, _ in c.pairs}
+            for key, run in used.items():
+                rows.setdefault(key, (run, []))[1].append(group)
+        shared = [(run, groups) for run, groups in rows.values() if len(groups) > 1]
+        return sorted(shared, key=lambda item: str(item[0].path))
+
+
+def _key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _pairs_with(a: RunResult, b: RunResult) -> bool:
+    """Whether ``a`` and ``b`` (one of them STE) have the seed and settings of a pair."""
+    return a.seed == b.seed and a.settings_but_delta() == b.settings_but_delta()
+
 
 def _closest(run: RunResult, others: Sequence[RunResult], root: Path | None) -> str:
-    """Why no run of ``others`` pairs with ``run``: the nearest one (same method, bits
-    and seed) and the settings it differs in."""
-    mine = run.settings()
+    """Why no run of ``others`` (the other side) pairs with ``run``: the nearest one
+    (same method, bits and seed) and the settings it differs in, δ aside."""
+    mine = run.settings_but_delta()
     where = (run.method, run.bits, run.seed)
     candidates = [o for o in others if (o.method, o.bits, o.seed) == where]
     if not candidates:
         return ""
-    theirs = [o.settings() for o in candidates]
+    theirs = [o.settings_but_delta() for o in candidates]
     differing = [
         sorted(k for k in mine.keys() | t.keys() if mine.get(k) != t.get(k)) for t in theirs
     ]
@@ -101,28 +129,56 @@ def _name(run: RunResult, root: Path | None) -> str:
     return run.name(root) if root is not None else str(run.path)
 
 
-def _pair(group: Group, rules: Sequence[str], runs: Sequence[RunResult], root: Path | None) -> None:
-    """Fill ``group.comparisons`` (one per rule other than the baseline) and
-    ``group.unpaired`` (the group's runs in no pair, each with the reason; ``runs``:
-    every run, for the reasons)."""
-    by_side: dict[tuple[str, int], list[RunResult]] = {}
-    for run in group.runs:
-        by_side.setdefault((run.backward, run.seed), []).append(run)
-    paired: set[int] = set()
-    own = {run.backward for run in group.runs} - {BASELINE}
-    # the rules this group has; a group of baseline runs only is compared with every rule
-    for rule in [r for r in rules if r in own] or [r for r in rules if r != BASELINE]:
+def _row_settings(group: Group) -> dict[str, Any]:
+    """The settings that make ``group`` a row: its runs of the other rules' (its STE
+    runs' in a row of STE runs only)."""
+    return next((r for r in group.runs if r.backward != BASELINE), group.runs[0]).settings()
+
+
+def _baseline_for(
+    settings: dict[str, Any], seed: int, pool: Sequence[RunResult]
+) -> RunResult | None:
+    """The STE run of ``pool`` (runs matching apart from δ, by path) that pairs with a
+    run of ``settings`` and ``seed``: one with the same δ section first."""
+    same_seed = [b for b in pool if b.seed == seed]
+    exact = [b for b in same_seed if b.settings() == settings]
+    return (exact or same_seed or [None])[0]
+
+
+def _pair(group: Group, rules: Sequence[str], pool: Sequence[RunResult]) -> None:
+    """Fill ``group.comparisons``: one per rule of the group, its runs each paired with
+    the STE run of ``pool`` (the STE runs matching the group apart from δ) of their seed;
+    the STE runs paired join ``group.runs``."""
+    settings = _row_settings(group)
+    used: dict[int, RunResult] = {}
+    for rule in [r for r in rules if r in {run.backward for run in group.runs}]:
         pairs = []
-        for seed in sorted({s for b, s in by_side if b == rule}):
-            if by_side.get((BASELINE, seed)):
-                pairs.append((by_side[(BASELINE, seed)][0], by_side[(rule, seed)][0]))
-        paired.update(id(run) for pair in pairs for run in pair)
+        for seed in sorted({run.seed for run in group.runs if run.backward == rule}):
+            base = _baseline_for(settings, seed, pool)
+            if base is not None:
+                first = next(r for r in group.runs if (r.backward, r.seed) == (rule, seed))
+                pairs.append((base, first))
+                used[id(base)] = base
         group.comparisons.append(Comparison(rule, pairs))
+    group.runs += used.values()
+
+
+def _explain(
+    group: Group, pool: Sequence[RunResult], runs: Sequence[RunResult], root: Path | None
+) -> None:
+    """Fill ``group.unpaired``: the group's runs in no pair of any row (``pool``: the STE
+    runs the group draws on; ``runs``: every run, for the reasons)."""
+    paired = {id(run) for c in group.comparisons for pair in c.pairs for run in pair}
     challengers = " or ".join(c.rule.upper() for c in group.comparisons)
+    settings = _row_settings(group)
     for run in group.runs:
-        if id(run) not in paired:
-            twin = by_side[(run.backward, run.seed)][0]
-            group.unpaired.append((run, _why_unpaired(run, twin, challengers, runs, root)))
+        if id(run) in paired:
+            continue
+        if run.backward == BASELINE:
+            twin = _baseline_for(settings, run.seed, pool) or run
+        else:
+            twin = next(r for r in group.runs if (r.backward, r.seed) == (run.backward, run.seed))
+        group.unpaired.append((run, _why_unpaired(run, twin, challengers, runs, root)))
 
 
 def _why_unpaired(
@@ -131,13 +187,14 @@ def _why_unpaired(
     """Why ``run`` is in no pair: a repeat of ``twin``, an unfinished other side, or no
     other side (and then the nearest run of the other side, if any)."""
     if twin is not run:
-        return f"the same settings and seed as {_name(twin, root)}"
-    sides = [r for r in runs if r.backward != run.backward]
-    settings = run.settings()
+        apart = "" if twin.settings() == run.settings() else " apart from δ (no effect under STE)"
+        return f"the same settings{apart} and seed as {_name(twin, root)}"
+    mine = run.backward == BASELINE
+    sides = [r for r in runs if (r.backward == BASELINE) != mine]
     for other in sides:
-        if not other.finished and other.seed == run.seed and other.settings() == settings:
+        if not other.finished and _pairs_with(run, other):
             return f"its {other.backward.upper()} run {_name(other, root)} is unfinished"
-    wanted = challengers if run.backward == BASELINE else BASELINE.upper()
+    wanted = challengers if mine else BASELINE.upper()
     reason = f"no {wanted} run with seed {run.seed} and otherwise the same recipe"
     return reason + _closest(run, [r for r in sides if r.finished], root)
 
@@ -149,25 +206,60 @@ def _natural(text: str) -> list[Any]:
     ]
 
 
-def analyse(runs: Sequence[RunResult], root: Path | None = None) -> Analysis:
-    """Group the finished runs, pair them by seed, and compute the paired statistics;
-    unfinished runs are left out. Reasons name runs relative to ``root``."""
-    finished = [run for run in runs if run.finished]
-    keys = varying_keys(finished)  # a left-out run does not split the rows
-    by_settings: dict[str, list[RunResult]] = {}
-    for run in finished:
-        by_settings.setdefault(json.dumps(run.settings(), sort_keys=True, default=str), []).append(
-            run
-        )
+def _row_order(group: Group) -> tuple[list[Any], ...]:
+    return _natural(group.method), _natural(group.bits), _natural(group.label)
+
+
+def _by(runs: Sequence[RunResult], settings: Any) -> dict[str, list[RunResult]]:
+    """``runs`` grouped by ``settings(run)``, in their order."""
+    grouped: dict[str, list[RunResult]] = {}
+    for run in runs:
+        grouped.setdefault(_key(settings(run)), []).append(run)
+    return grouped
+
+
+def _rows(runs: Sequence[RunResult], keys: Sequence[str]) -> list[Group]:
+    """``runs`` grouped by their settings, in the table's order (rows split by ``keys``)."""
     groups = []
-    for members in by_settings.values():
+    for members in _by(runs, RunResult.settings).values():
         method, bits, label = row_key(members[0], keys)
         flat = flatten(members[0].recipe)
         groups.append(Group(method, bits, label, {k: flat.get(k) for k in keys}, members))
-    groups.sort(key=lambda g: (_natural(g.method), _natural(g.bits), _natural(g.label)))
-    rules = backward_order(finished)
-    analysis = Analysis(groups, rules, [run for run in runs if not run.finished])
-    if analysis.paired:
-        for group in groups:
-            _pair(group, rules, runs, root)
+    return sorted(groups, key=_row_order)
+
+
+def analyse(runs: Sequence[RunResult], root: Path | None = None) -> Analysis:
+    """Group the finished runs, pair them by seed, and compute the paired statistics;
+    unfinished runs are left out. Reasons name runs relative to ``root``."""
+    finished = sorted((run for run in runs if run.finished), key=lambda run: str(run.path))
+    keys = varying_keys(finished)  # a left-out run does not split the rows
+    analysis = Analysis([], backward_order(finished), [run for run in runs if not run.finished])
+    if not analysis.paired:
+        analysis.groups = _rows(finished, keys)
+        return analysis
+    baseline = [run for run in finished if run.backward == BASELINE]
+    pools = _by(baseline, RunResult.settings_but_delta)
+    rows = _rows([run for run in finished if run.backward != BASELINE], keys)
+    pool_of = {id(row): pools.get(_key(row.runs[0].settings_but_delta()), []) for row in rows}
+    for row in rows:
+        _pair(row, analysis.rules, pool_of[id(row)])
+    # an STE run in no pair is listed once: in the row that has its δ settings, else in
+    # the first that draws on it, else in a row of STE runs only
+    paired = {id(b) for row in rows for c in row.comparisons for b, _ in c.pairs}
+    homeless = []
+    for run in (run for run in baseline if id(run) not in paired):
+        drawing = [row for row in rows if any(b is run for b in pool_of[id(row)])]
+        exact = [row for row in drawing if _row_settings(row) == run.settings()]
+        if drawing:
+            (exact or drawing)[0].runs.append(run)
+        else:
+            homeless.append(run)
+    alone = _rows(homeless, keys)
+    for row in alone:
+        row.comparisons = [Comparison(rule, []) for rule in analysis.rules if rule != BASELINE]
+        pool_of[id(row)] = row.runs
+    for row in rows + alone:
+        row.runs.sort(key=lambda run: str(run.path))
+        _explain(row, pool_of[id(row)], runs, root)
+    analysis.groups = sorted(rows + alone, key=_row_order)
     return analysis

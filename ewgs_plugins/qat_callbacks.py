@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rundir
-from .errors import ConfigError
+from .errors import ConfigError, load_failure
 from .hookspecs import hookimpl
 from .models import load_full_precision
 from .options import call_with_options
@@ -72,7 +72,7 @@ def load_teacher(
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        message = f"{path}: cannot be read: {type(error).__name__}: {error}"
+        message = f"{path}: cannot be read: {load_failure(error)}"
         raise ConfigError(where, message) from None
     if rundir.is_checkpoint(loaded):
         saved = loaded["recipe"]

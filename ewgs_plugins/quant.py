@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backward import BackwardRule
+from .errors import ExportError
 from .registry import registry
 from .round_site import RoundSite, round_sites
 
@@ -33,6 +34,42 @@ def check_bits(bits: int, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
         raise ValueError(f"{what} must be an integer 1..8 or 32 (not quantized), got {bits!r}")
     return bits
+
+
+@dataclass(frozen=True)
+class IntegerMap:
+    """How a quantizer's outputs are integers (DESIGN.md, "Export: the integer contract"):
+    ``value = scale · (code − zero_point)`` with integer codes in ``[low, high]``.
+
+    ``scale`` and ``zero_point`` are float32, 0-dim (per tensor) or 1-D along ``axis``
+    (per channel). ``zero_point`` is an integer, or a half-integer for a grid of ``2^b``
+    levels symmetric about 0 (no level at 0: the interval and DoReFa weights, binary
+    weights), whose codes stay the unsigned ``0 .. 2^b − 1``."""
+
+    scale: Tensor
+    zero_point: Tensor
+    low: int
+    high: int
+    axis: int | None = None
+
+    @property
+    def integer_zero_point(self) -> bool:
+        """Whether the zero point is an integer (as ONNX's DequantizeLinear takes it)."""
+        return bool(torch.equal(self.zero_point, self.zero_point.round()))
+
+    def _along_axis(self, value: Tensor, codes: Tensor) -> Tensor:
+        value = value.to(codes.device)
+        if self.axis is None or value.dim() == 0:
+            return value
+        shape = [1] * codes.dim()
+        shape[self.axis] = -1
+        return value.reshape(shape)
+
+    def affine(self, codes: Tensor) -> Tensor:
+        """``scale · (codes − zero_point)`` in float32."""
+        codes = codes.to(torch.float32)
+        zero_point = self._along_axis(self.zero_point, codes)
+        return self._along_axis(self.scale, codes) * (codes - zero_point)
 
 
 class Quantizer(nn.Module):
@@ -62,6 +99,43 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    # -- the integer contract (export): a method that states it overrides integer_map,
+    # and dequantize where its forward's arithmetic is not one multiply
+
+    def integer_map(self) -> IntegerMap:
+        """The integer map of this quantizer's outputs for its current parameters. The
+        codes are what the round site outputs (``integer_codes``); methods that can be
+        exported state the map back to values."""
+        raise ExportError(
+            f"quantizer {type(self).__qualname__} ({type(self).__module__}) does not state "
+            "its integer map (Quantizer.integer_map); it cannot be exported"
+        )
+
+    @torch.no_grad()
+    def integer_codes(self, x: Tensor) -> Tensor:
+        """The integer codes (int64) of ``self(x)``: the round site's output, taken from
+        the forward itself, so they are the forward's own."""
+        if not self.enabled:
+            raise ValueError("a full-precision quantizer (32 bits) has no integer codes")
+        saved, self.round_site.capture = self.round_site.capture, []
+        try:
+            self(x)
+            captured = self.round_site.capture
+        finally:
+            self.round_site.capture = saved
+        if len(captured) != 1:
+            raise ExportError(
+                f"quantizer {type(self).__qualname__} rounded {len(captured)} times in one "
+                "forward; integer codes need exactly one round"
+            )
+        return captured[0][0].detach().to(torch.int64)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        """The forward's output from its integer codes, bit for bit: by default
+        ``integer_map().affine(codes)``; a method whose forward computes the levels'
+        values in another order overrides it with that order."""
+        return self.integer_map().affine(codes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``quantize(x)``, computed in float32 when ``x`` is float16/bfloat16 or autocast

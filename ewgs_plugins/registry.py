@@ -45,12 +45,35 @@ def _distribution_name(entry_point: EntryPoint) -> str:
     return dist.name if dist is not None else "?"
 
 
-class Registry:
-    """Named plugin contributions of every kind, checked for clashes when built."""
+class _Problems:
+    """Where loading the plugins reports a problem: raised as a ``PluginError`` (strict,
+    for everything that trains), or written down and skipped (``ewgs plugins``, which
+    must still list what did load)."""
 
-    def __init__(self, manager: pluggy.PluginManager, distributions: Mapping[str, str]) -> None:
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.messages: list[str] = []
+
+    def report(self, message: str, cause: BaseException | None = None) -> None:
+        if self.strict:
+            raise PluginError(message) from cause
+        self.messages.append(message)
+
+
+class Registry:
+    """Named plugin contributions of every kind, checked for clashes when built.
+    ``failed`` lists the problems that were skipped (only when built with
+    ``strict=False``)."""
+
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        distributions: Mapping[str, str],
+        problems: _Problems | None = None,
+    ) -> None:
         self.manager = manager
         self._distributions = dict(distributions)
+        self._problems = problems or _Problems(strict=True)
         self._entries: dict[str, dict[str, Entry]] = {kind: self._collect(kind) for kind in KINDS}
 
     def _collect(self, kind: str) -> dict[str, Entry]:
@@ -63,30 +86,39 @@ class Registry:
             try:
                 contributed = impl.function()
             except Exception as exc:
-                raise PluginError(
+                self._problems.report(
                     f"plugin {plugin!r} failed while registering {label}s: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+                    f"{type(exc).__name__}: {exc}",
+                    exc,
+                )
+                continue
             if contributed is None:
                 continue
             if not isinstance(contributed, Mapping):
-                raise PluginError(
+                self._problems.report(
                     f"plugin {plugin!r}: hook {hook_name} must return a mapping "
                     f"name -> factory, got {type(contributed).__name__}"
                 )
+                continue
             for name, factory in contributed.items():
                 if name in found:
-                    raise PluginError(
+                    self._problems.report(
                         f"{label} {name!r} is registered twice: by plugin "
                         f"{found[name].plugin!r} ({found[name].distribution}) and by plugin "
                         f"{plugin!r} ({self._distributions.get(plugin, '?')})"
                     )
+                    continue
                 if not callable(factory):
-                    raise PluginError(f"plugin {plugin!r}: {label} {name!r} is not callable")
+                    self._problems.report(f"plugin {plugin!r}: {label} {name!r} is not callable")
+                    continue
                 found[name] = Entry(
                     kind, name, factory, plugin, self._distributions.get(plugin, "?")
                 )
         return found
+
+    @property
+    def failed(self) -> list[str]:
+        return list(self._problems.messages)
 
     def entries(self, kind: str) -> dict[str, Entry]:
         """Every entry of ``kind``, by name."""
@@ -119,35 +151,55 @@ class Registry:
 
 
 def load_manager(
-    extra_plugins: Iterable[tuple[str, object]] = (),
+    extra_plugins: Iterable[tuple[str, object]] = (), problems: _Problems | None = None
 ) -> tuple[pluggy.PluginManager, dict[str, str]]:
     """A plugin manager with every ``ewgs_plugins`` entry point loaded, plus
-    ``extra_plugins`` (name, plugin object) registered after them."""
+    ``extra_plugins`` (name, plugin object) registered after them. A plugin that
+    cannot be loaded is a ``PluginError``, or, given non-strict ``problems``, written
+    there and left out."""
+    problems = problems or _Problems(strict=True)
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(RegistrySpec)
     distributions: dict[str, str] = {}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         dist = _distribution_name(entry_point)
+        where = f"plugin {entry_point.name!r} (distribution {dist}, {entry_point.value})"
         if entry_point.name in distributions:
-            raise PluginError(
+            problems.report(
                 f"two plugins are named {entry_point.name!r}: one from distribution "
                 f"{distributions[entry_point.name]} and one from {dist}"
             )
+            continue
         try:
             plugin = entry_point.load()
         except Exception as exc:
-            raise PluginError(
-                f"plugin {entry_point.name!r} (distribution {dist}, {entry_point.value}) "
-                f"failed to import: {type(exc).__name__}: {exc}"
-            ) from exc
+            problems.report(f"{where} failed to import: {type(exc).__name__}: {exc}", exc)
+            continue
+        other = manager.get_name(plugin)
+        if other is not None:
+            problems.report(
+                f"{where} is the module that plugin {other!r} (distribution "
+                f"{distributions[other]}) registers already; a module is one plugin: "
+                "remove one of the two entry points"
+            )
+            continue
         manager.register(plugin, name=entry_point.name)
         distributions[entry_point.name] = dist
     for name, plugin in extra_plugins:
         if name in distributions:
-            raise PluginError(f"two plugins are named {name!r}")
+            problems.report(f"two plugins are named {name!r}")
+            continue
         manager.register(plugin, name=name)
         distributions[name] = "(registered in code)"
     return manager, distributions
+
+
+def load_registry(*, strict: bool = True) -> Registry:
+    """A registry of every plugin, loaded now. ``strict=False``: a plugin that fails
+    is left out and named in ``Registry.failed`` instead of raising."""
+    problems = _Problems(strict)
+    manager, distributions = load_manager(_extra_plugins, problems)
+    return Registry(manager, distributions, problems)
 
 
 _extra_plugins: list[tuple[str, object]] = []
@@ -167,9 +219,8 @@ def unregister_plugin(name: str) -> None:
 
 @functools.cache
 def registry() -> Registry:
-    """The process-wide registry (built on first use)."""
-    manager, distributions = load_manager(_extra_plugins)
-    return Registry(manager, distributions)
+    """The process-wide registry (built on first use; any plugin problem raises)."""
+    return load_registry()
 
 
 def reset_registry() -> None:

@@ -26,7 +26,7 @@ from .report_plots import write_plots
 from .results import RunResult, find_runs
 from .stats import CONFIDENCE, PairedDifference
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2  # 2: shared_baseline
 
 # ------------------------------------------------------------------------- tables
 
@@ -95,6 +95,22 @@ def _notes(analysis: Analysis, root: Path) -> list[str]:
             f"No paired comparison: it needs {BASELINE.upper()} runs and runs of another "
             f"backward rule (found: {', '.join(analysis.rules) or 'none'})."
         )
+    shared = analysis.shared_baseline()
+    if shared:
+        lines += [
+            "",
+            f"Shared {BASELINE.upper()} runs ({len(shared)}, each the baseline of several rows: "
+            f"δ has no effect under {BASELINE.upper()}, so one run pairs with every run of its "
+            "seed whose recipe differs only in the backward rule and δ; those rows' differences "
+            "share this side and are not independent):",
+        ]
+        position = {id(group): i for i, group in enumerate(analysis.groups, start=1)}
+        by_rows: dict[str, list[str]] = {}
+        for run, groups in shared:
+            rows = ", ".join(str(position[id(group)]) for group in groups)
+            by_rows.setdefault(rows, []).append(run.name(root))
+        for rows, names in by_rows.items():
+            lines.append(f"- {', '.join(names)}: the table's rows {rows} (from the top)")
     unpaired = [(run, why) for group in analysis.groups for run, why in group.unpaired]
     if unpaired:
         lines += ["", f"Unpaired runs ({len(unpaired)}, in no pair; in the per-rule columns only):"]
@@ -179,6 +195,7 @@ def _sides_json(group: Group, rules: Sequence[str]) -> dict[str, Any]:
 
 def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
     """The report's numbers as JSON (``summary.json``); the README documents the schema."""
+    index = {id(group): i for i, group in enumerate(analysis.groups)}
     groups = [
         {
             "method": group.method,
@@ -199,6 +216,10 @@ def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
         "baseline": BASELINE,
         "rules": analysis.rules,
         "groups": groups,
+        "shared_baseline": [
+            {"run": run.name(root), "seed": run.seed, "groups": [index[id(g)] for g in rows]}
+            for run, rows in analysis.shared_baseline()
+        ],
         "left_out": [
             {"run": run.name(root), "epochs_done": len(run.metrics), "epochs": run.epochs}
             for run in analysis.left_out
@@ -223,11 +244,12 @@ _CAPTION = (
 )
 _PAIRED_CAPTION = (
     " {rule} − {base}: the mean of the paired differences (a pair is the two runs of one "
-    "seed whose recipes differ only in the backward rule) with its {level} % Student-t "
-    "interval over the pairs; W/T/L counts the pairs where {rule} is above / equal to / "
-    "below {base}; the verdict says whether the interval excludes 0. The train-loss column "
-    "is the same statistic for the last epoch's training loss (lower is better){ema}. See "
-    'the README\'s "Reading a comparison" for what this can and cannot say.'
+    "seed whose recipes differ only in the backward rule, and perhaps in δ, which has no "
+    "effect under {base}) with its {level} % Student-t interval over the pairs; W/T/L "
+    "counts the pairs where {rule} is above / equal to / below {base}; the verdict says "
+    "whether the interval excludes 0. The train-loss column is the same statistic for the "
+    "last epoch's training loss (lower is better){ema}. See the README's \"Reading a "
+    'comparison" for what this can and cannot say.'
 )
 _EMA_CAPTION = "; EMA top-1: the same for the weight average's top-1, over the pairs that have one"
 

@@ -17,6 +17,9 @@ from .recipe import flatten
 AXES = ("method.name", "backward", "bits.weights", "bits.activations", "seed", "output")
 #: keys in which the two runs of a pair may differ: the rule compared, and where it ran
 PAIR_FREE_KEYS = ("backward", "output")
+#: the recipe section that has no effect under the STE rule (nothing is estimated: the
+#: gradient is g_q whatever δ is), so an STE run pairs across its settings
+DELTA_SECTION = "delta"
 
 
 @dataclass
@@ -77,6 +80,16 @@ class RunResult:
         runs with equal settings are one group of the comparison."""
         flat = flatten(self.recipe)
         return {k: v for k, v in flat.items() if k not in (*PAIR_FREE_KEYS, "seed")}
+
+    def settings_but_delta(self) -> dict[str, Any]:
+        """``settings`` without the δ section: what an STE run must share with a run it
+        pairs with, δ having no effect under STE."""
+        prefix = DELTA_SECTION + "."
+        return {
+            k: v
+            for k, v in self.settings().items()
+            if k != DELTA_SECTION and not k.startswith(prefix)
+        }
 
     def name(self, root: Path) -> str:
         """The run's directory, relative to ``root`` where it lies below it."""

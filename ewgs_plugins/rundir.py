@@ -10,6 +10,10 @@ A run directory holds (names below are the constants of this module):
   rule does to the latent weights, per layer and epoch;
 - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (``CHECKPOINT_LAST`` /
   ``CHECKPOINT_BEST``): everything a resume needs, in the format ``CHECKPOINT_FORMAT``;
+- ``summary.md`` (``LAYER_SUMMARY``): the per-layer table of the trained model, written at the
+  end of training (``ewgs summary`` rewrites it);
+- what ``ewgs export`` writes by default: ``model_int.safetensors`` and its manifest
+  ``model_int.json`` (``INT_EXPORT``), ``model.onnx`` (``ONNX_EXPORT``);
 - ``environment.json`` (``ENVIRONMENT``): what produced the run (command line, code
   version and git commit, library versions, devices, plugins; ``provenance``), written
   at every start;
@@ -21,25 +25,47 @@ A folder of runs (``ewgs compare``) also holds ``report.md`` (``REPORT``), its n
 ``summary.json`` (``SUMMARY``) and its plots.
 
 Every file is replaced atomically (``write_atomic`` / ``save_atomic``: a temporary file
-beside it, then ``os.replace``), so a reader never sees a half-written file. Under
-torchrun only rank 0 writes (every process holds the same run).
+beside it, flushed to disk, then ``os.replace``), so a reader never sees a half-written
+file, and a write that fails (a full disk) leaves the previous file and no temporary
+one. Under torchrun only rank 0 writes (every process holds the same run).
+
+An epoch is committed by ``checkpoint_last.pt``: it carries the metrics rows and the
+best row so far, and every other file of the epoch is written after it and can be
+rewritten from it (``train.checkpoint.sync_run_files``), so a process killed between
+two writes leaves a run that ``--resume`` finishes. A checkpoint carries a SHA-256 of
+its contents (``checksum``), checked when it is read.
+
+While a process works on a run directory (or a ``compare`` output) it holds the
+directory's lock (``lock``): an ``flock`` on ``LOCK``, which the kernel releases when
+the process dies however it dies, so a lock left by a killed process is stale by
+construction; a second process is refused with the holder's PID and host.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
 
 from . import distributed
+from .errors import RunDirError, load_failure
 from .recipe.yaml_text import dump_yaml
 
 RECIPE = "recipe.yaml"
@@ -52,40 +78,109 @@ CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 REPORT = "report.md"
 SUMMARY = "summary.json"
+LAYER_SUMMARY = "summary.md"
+INT_EXPORT = "model_int.safetensors"
+ONNX_EXPORT = "model.onnx"
 TENSORBOARD = "tensorboard"
 ENVIRONMENT = "environment.json"
 #: the ``format`` entry of a checkpoint
 CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 #: the header of a run's ``recipe.yaml``
 RECIPE_HEADER = "# resolved recipe (every key, defaults filled in)\n"
+#: the lock file of a directory in use (removed when the process lets go)
+LOCK = ".ewgs.lock"
+#: what a checkpoint must hold to be resumed from
+CHECKPOINT_KEYS = (
+    "format", "epoch", "step", "finished", "recipe", "model", "param_groups", "optimizers",
+    "schedulers", "callbacks", "quantizer_bits", "rng", "history", "best",
+)  # fmt: skip
+#: test hook: ``EWGS_STOP_AT_WRITE=k`` stops the process (SIGSTOP) at its k-th write
+#: point (a temporary file written, not yet moved into place), for a test to kill it
+STOP_AT_WRITE = "EWGS_STOP_AT_WRITE"
+#: write points passed by this process (what ``STOP_AT_WRITE`` counts)
+write_points = 0
 
 
 # ------------------------------------------------------------------------- writing
 
 
-def _replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then move it over ``path``; on rank 0
-    only under torchrun."""
+def _write_point() -> None:
+    global write_points
+    write_points += 1
+    if os.environ.get(STOP_AT_WRITE) == str(write_points):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the file system allows it)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _replace_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write`` a temporary file beside ``path``, flush it to disk, then move it over
+    ``path``; on rank 0 only under torchrun. On failure the temporary file is removed
+    and ``path`` is as it was; an OS error (a full disk) is a ``RunDirError``."""
     if not distributed.is_main():
         return
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
+    temporary = _temporary(path)
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _write_point()
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        kept = "the previous version is kept" if path.exists() else "it was not written"
+        reason = error.strerror or str(error)
+        raise RunDirError(f"{path}: cannot write it: {reason}; {kept}") from None
+    _sync_folder(path.parent)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace the text file ``path`` by ``text`` atomically."""
-    _replace_atomic(path, lambda temporary: temporary.write_text(text))
+    _replace_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """Replace ``path`` by ``torch.save(obj)`` atomically."""
-    _replace_atomic(path, lambda temporary: torch.save(obj, temporary))
+    """Replace ``path`` by ``torch.save(obj)`` atomically. Serialized in memory first:
+    torch's writer turns a failed write (a full disk) into a bare RuntimeError."""
+    serialized = io.BytesIO()
+    torch.save(obj, serialized)
+    _replace_atomic(path, lambda handle: handle.write(serialized.getbuffer()))
 
 
 def copy_atomic(source: Path, path: Path) -> None:
     """Replace ``path`` by a copy of ``source`` atomically."""
-    _replace_atomic(path, lambda temporary: shutil.copyfile(source, temporary))
+
+    def copy(handle: IO[bytes]) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    _replace_atomic(path, copy)
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Remove what writers killed mid-write left in ``folder`` (call it holding the lock)."""
+    for leftover in folder.glob("*.tmp"):
+        if re.fullmatch(r".+\.\d+\.tmp", leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -97,9 +192,9 @@ def write_recipe(run_dir: Path, recipe: Mapping[str, Any]) -> None:
     write_atomic(run_dir / RECIPE, RECIPE_HEADER + dump_yaml(recipe))
 
 
-def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``metrics.jsonl`` and ``metrics.csv`` (its columns: every key, first seen first)."""
-    write_jsonl(run_dir / METRICS_JSONL, rows)
+def metrics_files(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The text of ``metrics.jsonl`` and ``metrics.csv`` (its columns: every key, first
+    seen first) for ``rows``."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -107,7 +202,45 @@ def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(run_dir / METRICS_CSV, text.getvalue())
+    jsonl = "".join(json.dumps(row) + "\n" for row in rows)
+    return {METRICS_JSONL: jsonl, METRICS_CSV: text.getvalue()}
+
+
+def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` for ``rows``; a file that holds them
+    already is left alone."""
+    for name, text in metrics_files(rows).items():
+        path = run_dir / name
+        try:
+            same = path.read_bytes() == text.encode()
+        except OSError:
+            same = False
+        if not same:
+            write_atomic(path, text)
+
+
+def checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents but its ``checksum``: every tensor's dtype,
+    shape and bytes, every other value's ``repr``, each with its key path."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{where}:{tensor.dtype}:{tuple(value.shape)}\n".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(item, f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{where}:{type(value).__name__}{len(value)}\n".encode())
+            for index, item in enumerate(value):
+                visit(item, f"{where}/{index}")
+        else:
+            digest.update(f"{where}={value!r}\n".encode())
+
+    visit({k: v for k, v in state.items() if k != "checksum"}, "")
+    return digest.hexdigest()
 
 
 def write_environment(run_dir: Path, environment: Mapping[str, Any]) -> None:
@@ -116,9 +249,10 @@ def write_environment(run_dir: Path, environment: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> None:
-    """``checkpoint_last.pt``, and a copy as ``checkpoint_best.pt`` if ``best``."""
+    """``checkpoint_last.pt`` (the epoch's commit point), and a copy as
+    ``checkpoint_best.pt`` if ``best``."""
     last = run_dir / CHECKPOINT_LAST
-    save_atomic(dict(state), last)
+    save_atomic({**state, "checksum": checksum(state)}, last)
     if best:
         copy_atomic(last, run_dir / CHECKPOINT_BEST)
 
@@ -127,10 +261,31 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> N
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file ([] if there is none)."""
+    """The rows of a JSONL file ([] if there is none); a line that is not a JSON object
+    (a torn or damaged file) is a ``RunDirError`` naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_bytes().decode().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunDirError(f"{path}: cannot be read as text: {error}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            row, reason = None, error.msg
+        else:
+            reason = "not a JSON object"
+        if not isinstance(row, dict):
+            raise RunDirError(
+                f"{path}, line {number}: {reason}: the file is damaged; `ewgs train RECIPE "
+                "--resume` on the run writes it again from its checkpoint"
+            )
+        rows.append(row)
+    return rows
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -152,17 +307,137 @@ def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any] | None:
-    """The resolved recipe of ``run_dir`` as plain data, or None if it has none."""
+    """The resolved recipe of ``run_dir`` as plain data, or None if it has none; a file
+    that is not a YAML mapping is a ``RunDirError`` naming it."""
     path = run_dir / RECIPE
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        recipe = yaml.safe_load(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0]
+        raise RunDirError(f"{path}: cannot be read as a recipe: {reason}") from None
+    if not isinstance(recipe, dict):
+        raise RunDirError(f"{path}: not a recipe (a YAML mapping)")
+    return recipe
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's state (tensors on the CPU; ``weights_only``: nothing but tensors
-    and plain Python values is built)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    and plain Python values is built), checked: it must be a checkpoint of this
+    trainer, whole, and match its checksum. Otherwise a ``RunDirError`` that names the
+    file and what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # a damaged file fails in many ways
+        raise RunDirError(f"{path}: cannot be read ({load_failure(error)})") from None
+    if not is_checkpoint(state):
+        raise RunDirError(f"{path}: not a checkpoint of this trainer (no format tag)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise RunDirError(f"{path}: the checkpoint lacks {', '.join(missing)}")
+    if "checksum" in state and checksum(state) != state["checksum"]:
+        raise RunDirError(f"{path}: damaged: its contents do not match its checksum")
+    return state
 
 
 def is_checkpoint(state: Any) -> bool:
     """Whether loaded ``state`` is a checkpoint of this trainer (not a bare state_dict)."""
     return isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT
+
+
+# ------------------------------------------------------------------------- locking
+
+#: the locks this process holds: folder -> (file descriptor, holders)
+_held: dict[Path, list[int]] = {}
+
+
+def _holder(path: Path) -> str:
+    try:
+        about = json.loads(path.read_text())
+        return f"process {about['pid']} on host {about['host']} (since {about['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _acquire(folder: Path) -> None:
+    path = folder / LOCK
+    while True:
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise RunDirError(f"{folder}: cannot write in it: {error.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(handle)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(
+                    f"{folder} is in use by {_holder(path)}; wait for it to finish or "
+                    "stop it, or choose another output directory"
+                ) from None
+            print(f"ewgs: warning: {folder}: cannot lock it ({error.strerror})", file=sys.stderr)
+            _held[folder] = [-1, 1]
+            return
+        try:  # the file may have been removed by the holder we waited for: lock anew
+            same = os.fstat(handle).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(handle)
+    about = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")}
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, json.dumps(about).encode())
+        os.fsync(handle)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        os.close(handle)
+        raise RunDirError(f"{path}: cannot write it: {error.strerror}") from None
+    _held[folder] = [handle, 1]
+    remove_temporary_files(folder)
+
+
+def _release(folder: Path) -> None:
+    held = _held[folder]
+    held[1] -= 1
+    if held[1]:
+        return
+    del _held[folder]
+    if held[0] >= 0:
+        (folder / LOCK).unlink(missing_ok=True)
+        os.close(held[0])
+
+
+def prepare(folder: Path) -> Path:
+    """Create ``folder`` (and its parents) for a run or a compare output; a path that
+    cannot be a writable folder is a ``RunDirError`` saying why."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"{folder}: output must be a folder, and this is a file") from None
+    except NotADirectoryError:
+        raise RunDirError(f"{folder}: output lies under a file, not a folder") from None
+    except OSError as error:
+        raise RunDirError(f"{folder}: cannot create the folder: {error.strerror}") from None
+    return folder
+
+
+@contextmanager
+def lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock inside (created first, see ``prepare``); held again by
+    the same process, it is counted, not taken twice. Under torchrun rank 0 alone
+    locks (the other processes of the run never write)."""
+    if not distributed.is_main():
+        yield
+        return
+    folder = prepare(folder).resolve()
+    if folder in _held:
+        _held[folder][1] += 1
+    else:
+        _acquire(folder)
+    try:
+        yield
+    finally:
+        _release(folder)

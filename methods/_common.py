@@ -54,6 +54,10 @@ class _ScaleGradient(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return grad * ctx.scale, None
 
+    @staticmethod
+    def symbolic(g, x, scale):  # type: ignore[no-untyped-def]
+        return x  # in an ONNX graph (inference) it is the identity
+
 
 def scale_gradient(x: Tensor, scale: float) -> Tensor:
     """``x`` unchanged in the forward; its gradient multiplied by ``scale``."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ewgs_plugins.hookspecs import hookimpl
-from ewgs_plugins.quant import Quantizer, QuantizerMethod
+from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
 
 #: Guards the normalisation of an all-zero weight tensor (max|tanh(w)| = 0).
 MIN_MAX = 1e-12
@@ -42,6 +42,16 @@ class DorefaWeightQuantizer(Quantizer):
         w_n = t / (2.0 * t.abs().max().clamp_min(MIN_MAX)) + 0.5  # in [0, 1] by construction
         return 2.0 * (self.round_site(w_n * steps, steps) / steps) - 1.0
 
+    def integer_map(self) -> IntegerMap:
+        """Codes ``k = 0 .. steps``, values ``2 (k / steps) − 1``: scale ``2 / steps``,
+        zero point ``steps / 2`` (a half-integer: no level at 0)."""
+        steps = 2**self.bits - 1
+        return IntegerMap(torch.tensor(2.0 / steps), torch.tensor(steps / 2.0), 0, steps)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        steps = 2**self.bits - 1  # the forward's order: divide, double, shift
+        return 2.0 * (codes.to(torch.float32) / steps) - 1.0
+
 
 class DorefaActivationQuantizer(Quantizer):
     """``q(clip(x, 0, 1))``."""
@@ -49,6 +59,14 @@ class DorefaActivationQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         steps = 2**self.bits - 1
         return self.round_site(x * steps, steps, 0.0, float(steps)) / steps
+
+    def integer_map(self) -> IntegerMap:
+        """Codes ``k = 0 .. steps``, values ``k / steps``."""
+        steps = 2**self.bits - 1
+        return IntegerMap(torch.tensor(1.0 / steps), torch.tensor(0.0), 0, steps)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return codes.to(torch.float32) / (2**self.bits - 1)  # the forward's division
 
 
 class DorefaMethod(QuantizerMethod):

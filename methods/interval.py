@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins.hookspecs import hookimpl
-from ewgs_plugins.quant import Quantizer, QuantizerMethod
+from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
 
 #: Smallest interval width the initialisation gives (a constant first batch has σ = 0).
 MIN_WIDTH = 1e-8
@@ -76,6 +76,20 @@ class IntervalQuantizer(Quantizer):
         latent = x * scale - self.lower * scale
         levels = self.round_site(latent, steps, 0.0, float(steps))
         x_q = levels / steps
+        return 2.0 * x_q - 1.0 if self.signed_output else x_q
+
+    def integer_map(self) -> IntegerMap:
+        """Codes ``k = 0 .. steps``; activations ``k / steps``, weights
+        ``2 (k / steps) − 1 = (2 / steps)(k − steps / 2)`` (a half-integer zero point: the
+        ``2^b`` weight levels are symmetric about 0). The layer's ``|α|`` comes after."""
+        steps = self.steps
+        if self.signed_output:
+            return IntegerMap(torch.tensor(2.0 / steps), torch.tensor(steps / 2.0), 0, steps)
+        return IntegerMap(torch.tensor(1.0 / steps), torch.tensor(0.0), 0, steps)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        # the forward's order: a multiply by 1/steps is not the division, bit for bit
+        x_q = codes.to(torch.float32) / self.steps
         return 2.0 * x_q - 1.0 if self.signed_output else x_q
 
     def extra_repr(self) -> str:

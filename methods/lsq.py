@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins.hookspecs import hookimpl
-from ewgs_plugins.quant import Quantizer, QuantizerMethod
+from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
 
 from ._common import SignFromFirstBatch, scale_gradient
 
@@ -92,6 +92,15 @@ class LsqQuantizer(SignFromFirstBatch):
             return self.round_site(latent, q_n + q_p, float(-q_n), float(q_p)) * step
         # The binary grid sits half a step off zero.
         return (self.round_site(latent + 0.5, 1, 0.0, 1.0) - 0.5) * step
+
+    def integer_map(self) -> IntegerMap:
+        """Codes ``v̄ ∈ [−Q_N, Q_P]``, values ``v̄ · s``; the binary grid: codes {0, 1},
+        values ``(v̄ − 1/2) · s`` (zero point 1/2)."""
+        q_n, q_p = self.levels()
+        step = self.step.detach().clone()
+        if self.binary:
+            return IntegerMap(step, torch.tensor(0.5), 0, 1)
+        return IntegerMap(step, torch.tensor(0.0), -q_n, q_p)
 
 
 class LsqMethod(QuantizerMethod):

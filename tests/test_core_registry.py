@@ -1,34 +1,12 @@
 """The plugin manager: discovery through entry points, name look-ups and their errors."""
 
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
+from toys import make_distribution
 
-from ewgs_plugins import PluginError, RoundSite, cli, registry, reset_registry
+from ewgs_plugins import PluginError, RoundSite, cli, registry
 from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.options import call_with_options
-
-
-def make_distribution(root: Path, dist: str, module: str, source: str, entry: str | None = None):
-    """Write an installed distribution (module + dist-info with an ``ewgs_plugins``
-    entry point) under ``root``, as pip would."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[ewgs_plugins]\n{entry or module} = {module}\n")
-
-
-@pytest.fixture
-def site_packages(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    reset_registry()
-    yield tmp_path
-    monkeypatch.undo()
-    reset_registry()
-
 
 HALF_STE = """
     from ewgs_plugins import hookimpl

@@ -3,7 +3,9 @@ ImageFolder trees of PNG/JPEG files, and scikit-learn's digits."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ewgs_plugins.data import Cifar10, Digits, ImageNet
+from ewgs_plugins.data import CIFAR10_MEAN, CIFAR10_STD, Cifar10, Digits, ImageNet
 from ewgs_plugins.errors import ConfigError
 from ewgs_plugins.registry import registry
 
@@ -70,7 +72,7 @@ def test_cifar10_reads_torchvisions_format(tmp_path):
 def test_cifar10_checks_like_torchvision_and_says_how_to_get_the_data(tmp_path):
     root = write_cifar10(tmp_path / "cifar")
     spec = Cifar10()  # verify: the files' MD5 sums must be CIFAR-10's
-    with pytest.raises(ConfigError, match=r"data\.root: .*corrupted.*verify: false"):
+    with pytest.raises(ConfigError, match=r"data_batch_1: its MD5 sum is .*verify: false"):
         spec.train_set(str(root))
     (root / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py/test_batch not found; download"):
@@ -78,6 +80,109 @@ def test_cifar10_checks_like_torchvision_and_says_how_to_get_the_data(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.root: the cifar10 dataset needs data\.root"):
         spec.check(None)
     Cifar10(download=True).check(str(tmp_path / "empty"))  # fetched when asked, not checked
+
+
+def python2_pickle(entry: dict) -> bytes:
+    """``entry`` (str keys; str, int, list and uint8-array values) pickled as Python 2's
+    cPickle wrote CIFAR-10's original files: protocol 2, byte strings (``U``/``T``
+    opcodes) for keys, names and pixel data, and NumPy 1's
+    ``numpy.core.multiarray._reconstruct`` followed by the array's state."""
+
+    def string(value: bytes) -> bytes:
+        if len(value) < 256:
+            return b"U" + bytes([len(value)]) + value
+        return b"T" + struct.pack("<i", len(value)) + value
+
+    def pickled(value) -> bytes:
+        if isinstance(value, str):
+            return string(value.encode())
+        if isinstance(value, int):
+            return b"J" + struct.pack("<i", value)
+        if isinstance(value, list):
+            return b"](" + b"".join(pickled(v) for v in value) + b"e"
+        shape = b"(" + b"".join(pickled(int(n)) for n in value.shape) + b"t"
+        dtype_state = b"(K\x03" + string(b"|") + b"NNN" + pickled(-1) + pickled(-1) + b"K\x00t"
+        dtype = b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R" + dtype_state + b"b"
+        state = b"(K\x01" + shape + dtype + b"\x89" + string(value.tobytes()) + b"t"
+        reconstruct = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        return reconstruct + b"K\x00\x85" + string(b"b") + b"\x87R" + state + b"b"
+
+    items = b"".join(pickled(key) + pickled(value) for key, value in entry.items())
+    return b"\x80\x02}(" + items + b"u."
+
+
+def test_cifar10_reads_the_original_python2_files_and_numpy2_pickles(tmp_path):
+    rng = np.random.default_rng(3)
+    original, modern = tmp_path / "original", tmp_path / "modern"
+    batches = {}
+    for name in [*Cifar10.TRAIN_FILES, "test_batch"]:
+        batches[name] = {
+            "batch_label": f"{name} of 5",
+            "labels": [int(v) for v in rng.integers(0, 10, 3)],
+            "data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(3)],
+        }
+    meta = {"label_names": ["airplane"] * 10, "num_vis": 3072}
+    for root, write in (
+        (original, python2_pickle),
+        (modern, lambda entry: pickle.dumps(entry, protocol=5)),
+    ):
+        (root / "cifar-10-batches-py").mkdir(parents=True)
+        for name, entry in {**batches, "batches.meta": meta}.items():
+            (root / "cifar-10-batches-py" / name).write_bytes(write(entry))
+    assert (
+        b"numpy.core.multiarray" in (original / "cifar-10-batches-py" / "test_batch").read_bytes()
+    )
+    spec = Cifar10(verify=False, augment=False)
+    for root in (original, modern):
+        test = spec.test_set(str(root))
+        raw = torch.tensor(batches["test_batch"]["data"][1], dtype=torch.float32) / 255
+        mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+        expected = (raw.view(3, 32, 32) - mean[:, None, None]) / std[:, None, None]
+        assert torch.allclose(test[1][0], expected, atol=1e-6)
+        assert test[1][1] == batches["test_batch"]["labels"][1]
+        train = spec.train_set(str(root))
+        assert [train[i][1] for i in range(15)] == sum(
+            (batches[name]["labels"] for name in Cifar10.TRAIN_FILES), []
+        )
+
+
+class RunsAShellCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_cifar10_never_runs_code_from_its_files(tmp_path, verify):
+    root = write_cifar10(tmp_path / "cifar")
+    marker = tmp_path / "ran"
+    evil = {"data": RunsAShellCommand(marker), "labels": [0]}
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(ConfigError) as error:
+        Cifar10(verify=verify).test_set(str(root))
+    message = str(error.value)
+    assert "\n" not in message and "test_batch" in message
+    assert ("system, which is not part of CIFAR-10's format" in message) != verify
+    assert ("MD5 sum" in message) == verify
+    assert not marker.exists()
+
+
+def test_cifar10_files_of_another_shape_are_one_line_naming_the_file(tmp_path):
+    root = write_cifar10(tmp_path / "cifar")
+    test_batch = root / "cifar-10-batches-py" / "test_batch"
+    for content, expected in (
+        (pickle.dumps({"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]}), "N×3072"),
+        (pickle.dumps([1, 2, 3]), "holds a list"),
+        (b"\x80\x04not a pickle at all", "not a CIFAR-10 batch file"),
+        (pickle.dumps({"data": np.zeros((1, 3072), np.uint8)})[:40], "not a CIFAR-10 batch"),
+    ):
+        test_batch.write_bytes(content)
+        with pytest.raises(ConfigError, match=expected) as error:
+            Cifar10(verify=False).test_set(str(root))
+        assert str(test_batch) in str(error.value) and "\n" not in str(error.value)
 
 
 def write_image_folder(root: Path, classes: dict[str, int]) -> None:

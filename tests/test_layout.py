@@ -156,6 +156,7 @@ def test_run_directory_file_names_only_in_rundir() -> None:
 
     names = [rundir.RECIPE, rundir.METRICS_JSONL, rundir.METRICS_CSV, rundir.DELTAS]
     names += [rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST, rundir.REPORT, rundir.SUMMARY]
+    names += [rundir.LAYER_SUMMARY, rundir.INT_EXPORT, rundir.ONNX_EXPORT]
     for module, path in module_files().items():
         if module == "ewgs_plugins.rundir":
             continue

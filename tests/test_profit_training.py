@@ -260,7 +260,7 @@ def test_the_teacher_loads_from_a_runs_checkpoint_and_from_a_state_dict(tmp_path
     fp = Trainer(
         profit_recipe(tmp_path / "fp", epochs=1, method="dorefa", bits="W32A32", backward="ste")
     )
-    fp.run_dir.mkdir(parents=True)
+    fp.run_dir.mkdir(parents=True, exist_ok=True)  # the trainer made it
     torch.save(fp.state_dict(), tmp_path / "fp" / "checkpoint_last.pt")
     inputs = torch.randn(3, 1, 8, 8)
     fp.model.eval()

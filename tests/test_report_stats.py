@@ -375,6 +375,88 @@ def test_every_method_bits_and_varying_setting_is_its_own_comparison(tmp_path):
         }
 
 
+HESSIAN = {"name": "hessian", "options": {"every": 1, "samples": 3}, "batch_size": None}
+#: the δ settings of a study's EWGS arms (matrix.arms), and each arm's gain over STE
+ARMS = {
+    "paper": (HESSIAN, 1.0),
+    "first-step": ({**HESSIAN, "options": {**HESSIAN["options"], "before_training": True}}, 2.0),
+    "fixed": ({"name": "fixed", "options": {"value": 1e-3}, "batch_size": None}, -1.0),
+}
+
+
+@pytest.mark.parametrize(
+    "ste_delta",
+    [HESSIAN, {"name": "fixed", "options": {"value": 0.5}, "batch_size": None}],
+    ids=["the-paper-arms-delta", "a-delta-of-no-arm"],
+)
+def test_one_ste_run_per_seed_is_the_baseline_of_every_delta_arm(tmp_path, capsys, ste_delta):
+    for seed in range(3):
+        write_run(tmp_path, f"ste-seed{seed}", "ste", seed, 50.0 + seed, delta=ste_delta)
+        for arm, (delta, gain) in ARMS.items():
+            top1 = 50.0 + seed + gain + 0.1 * seed
+            write_run(tmp_path, f"ewgs-{arm}-seed{seed}", "ewgs", seed, top1, delta=delta)
+    analysis = analyse(find_runs(tmp_path), tmp_path)
+    assert len(analysis.groups) == 3  # one row per arm, none of STE runs only
+    ste = sorted(f"ste-seed{seed}" for seed in range(3))
+    for group in analysis.groups:
+        (comparison,) = group.comparisons
+        assert comparison.top1.n == 3 and not group.unpaired
+        assert [b.name(tmp_path) for b, _ in comparison.pairs] == ste
+        arm = comparison.pairs[0][1].name(tmp_path).rsplit("-", 1)[0].removeprefix("ewgs-")
+        assert all(r.name(tmp_path).startswith(f"ewgs-{arm}-") for _, r in comparison.pairs)
+        assert comparison.top1.mean == pytest.approx(ARMS[arm][1] + 0.1)
+        assert sorted(r.name(tmp_path) for r in group.runs if r.backward == "ste") == ste
+    shared = analysis.shared_baseline()
+    assert [(run.name(tmp_path), len(rows)) for run, rows in shared] == [(n, 3) for n in ste]
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Shared STE runs (3, each the baseline of several rows:" in out
+    assert "- ste-seed0, ste-seed1, ste-seed2: the table's rows 1, 2, 3 (from the top)\n" in out
+    assert "Unpaired runs" not in out
+    assert out.count("| 51.00 ± 1.00 (n=3) |") == 3  # the STE column of every row
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
+    assert summary["version"] == 2
+    assert summary["shared_baseline"] == [
+        {"run": name, "seed": seed, "groups": [0, 1, 2]} for seed, name in enumerate(ste)
+    ]
+    for group in summary["groups"]:
+        (comparison,) = group["comparisons"]
+        assert [p["runs"]["ste"] for p in comparison["pairs"]] == ste
+
+
+def test_an_ste_run_pairs_across_delta_only(tmp_path, capsys):
+    fixed = {"name": "fixed", "options": {"value": 1e-3}, "batch_size": None}
+    write_run(tmp_path, "ewgs-fixed", "ewgs", 0, 52.0, delta=fixed)
+    write_run(tmp_path, "ewgs-hessian", "ewgs", 0, 53.0)
+    write_run(tmp_path, "ste-hessian", "ste", 0, 50.0)
+    write_run(tmp_path, "ste-zero", "ste", 0, 50.0, delta={**HESSIAN, "name": "zero"})
+    # different optimiser settings: no pair, whatever δ
+    lr = {"weights": {"name": "adam", "lr": 0.1}}
+    write_run(tmp_path, "ste-lr", "ste", 1, 40.0, delta=fixed, optimizers=lr)
+    write_run(tmp_path, "ewgs-fixed-seed1", "ewgs", 1, 40.0, delta=fixed)
+    analysis = analyse(find_runs(tmp_path), tmp_path)
+    pairs = sorted(
+        (b.name(tmp_path), r.name(tmp_path))
+        for g in analysis.groups
+        for c in g.comparisons
+        for b, r in c.pairs
+    )
+    # the δ-matching STE run first; the other is a repeat
+    assert pairs == [("ste-hessian", "ewgs-fixed"), ("ste-hessian", "ewgs-hessian")]
+    unpaired = {run.name(tmp_path): why for g in analysis.groups for run, why in g.unpaired}
+    assert unpaired == {
+        "ste-zero": "the same settings apart from δ (no effect under STE) and seed as ste-hessian",
+        "ste-lr": "no EWGS run with seed 1 and otherwise the same recipe; the nearest, "
+        "ewgs-fixed-seed1, differs in optimizers.weights.lr",
+        "ewgs-fixed-seed1": "no STE run with seed 1 and otherwise the same recipe; the nearest, "
+        "ste-lr, differs in optimizers.weights.lr",
+    }
+    # the STE run no EWGS row draws on is a row of its own, its comparison without pairs
+    (alone,) = [g for g in analysis.groups if {r.backward for r in g.runs} == {"ste"}]
+    assert [r.name(tmp_path) for r in alone.runs] == ["ste-lr"]
+    assert alone.comparisons[0].pairs == [] and alone.comparisons[0].top1 is None
+
+
 def test_without_ste_runs_nothing_is_paired(tmp_path, capsys):
     write_run(tmp_path, "ewgs", "ewgs", 0, 50.0)
     assert cli.main(["report", str(tmp_path)]) == 0
@@ -420,6 +502,7 @@ run_specs = st.lists(
         st.sampled_from(["ste", "ewgs"]),
         st.integers(0, 3),  # seed
         st.sampled_from([0.01, 0.02]),  # a learning rate: two groups
+        st.sampled_from([1, 3, 10]),  # a δ setting: pairs across it under STE only
         st.booleans(),  # finished
         st.floats(0, 100),  # final top-1
     ),
@@ -428,7 +511,7 @@ run_specs = st.lists(
 
 
 def in_memory_run(
-    index: int, backward: str, seed: int, lr: float, done: bool, top1: float
+    index: int, backward: str, seed: int, lr: float, every: int, done: bool, top1: float
 ) -> RunResult:
     recipe = {
         "method": {"name": "interval"},
@@ -436,6 +519,7 @@ def in_memory_run(
         "bits": {"weights": 2, "activations": 2},
         "seed": seed,
         "epochs": 2,
+        "delta": {"name": "hessian", "options": {"every": every}},
         "optimizers": {"weights": {"lr": lr}},
         "output": f"runs/{index}",
     }
@@ -445,33 +529,53 @@ def in_memory_run(
 
 @settings(max_examples=80, deadline=None)
 @given(run_specs, st.randoms(use_true_random=False))
-def test_every_run_is_paired_once_listed_unpaired_or_left_out(specs, shuffler):
+def test_every_run_is_paired_listed_unpaired_or_left_out(specs, shuffler):
     runs = [in_memory_run(i, *spec) for i, spec in enumerate(specs)]
     analysis = analyse(runs)
-    paired = [
-        run for g in analysis.groups for c in g.comparisons for pair in c.pairs for run in pair
-    ]
+    pairs = [pair for g in analysis.groups for c in g.comparisons for pair in c.pairs]
     unpaired = [run for g in analysis.groups for run, _ in g.unpaired]
-    # a partition: every finished run once, in a pair or unpaired (when both rules have
-    # finished runs: else there is no comparison); every unfinished one left out
     assert sorted(map(id, analysis.left_out)) == sorted(id(r) for r in runs if not r.finished)
     finished = [r for r in runs if r.finished]
     assert analysis.paired == ({r.backward for r in finished} == {"ste", "ewgs"})
+    # every finished run (when both rules have finished runs: else there is no
+    # comparison) is in a pair or unpaired, not both; an EWGS run is in one pair at most,
+    # an STE run in one per row at most (a baseline shared across δ settings)
+    in_pairs = {id(run) for pair in pairs for run in pair}
     expected = finished if analysis.paired else []
-    assert sorted(map(id, paired + unpaired)) == sorted(map(id, expected))
+    assert in_pairs | set(map(id, unpaired)) == set(map(id, expected))
+    assert not in_pairs & set(map(id, unpaired)) and len(set(map(id, unpaired))) == len(unpaired)
+    assert len({id(e) for _, e in pairs}) == len(pairs)
     for group in analysis.groups:
+        # the EWGS runs of a row share every setting, δ too: they never pair across δ
+        assert len({json.dumps(r.settings()) for r in group.runs if r.backward == "ewgs"}) <= 1
         for comparison in group.comparisons:
+            assert len({id(b) for b, _ in comparison.pairs}) == len(comparison.pairs)
             for ste, ewgs in comparison.pairs:
                 assert (ste.backward, ewgs.backward) == ("ste", "ewgs")
-                assert ste.seed == ewgs.seed and ste.settings() == ewgs.settings()
-            # one pair per seed that both sides have
-            seeds = {(r.backward, r.seed) for r in group.runs}
-            both = {s for b, s in seeds if b == "ste"} & {s for b, s in seeds if b == "ewgs"}
+                assert ste.seed == ewgs.seed
+                assert ste.settings_but_delta() == ewgs.settings_but_delta()
+                exact = [
+                    r
+                    for r in finished
+                    if r.backward == "ste"
+                    and r.seed == ste.seed
+                    and r.settings() == ewgs.settings()
+                ]
+                assert not exact or ste.settings() == ewgs.settings()  # the same δ first
+            # one pair per seed that both sides have, δ aside for STE
+            mine = [r for r in group.runs if r.backward == "ewgs"]
+            both = {
+                e.seed
+                for e in mine
+                for b in finished
+                if b.backward == "ste" and b.seed == e.seed
+                if b.settings_but_delta() == e.settings_but_delta()
+            }
             assert [e.seed for _, e in comparison.pairs] == sorted(both)
     # the order the runs are found in changes nothing
     shuffled = list(runs)
     shuffler.shuffle(shuffled)
     again = analyse(shuffled)
-    assert [(g.label, [c.top1 for c in g.comparisons]) for g in again.groups] == [
-        (g.label, [c.top1 for c in g.comparisons]) for g in analysis.groups
+    assert [(g.label, [c.top1 for c in g.comparisons], len(g.unpaired)) for g in again.groups] == [
+        (g.label, [c.top1 for c in g.comparisons], len(g.unpaired)) for g in analysis.groups
     ]

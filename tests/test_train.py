@@ -224,5 +224,7 @@ def test_the_run_directory_and_its_guards(tmp_path, capsys):
     assert cli.main(["train", str(path), "--resume", "optimizers.weights.lr=0.1"]) == 2
     err = capsys.readouterr().err
     assert "optimizers.weights.lr: differs from the recipe" in err and "was 0.01, now 0.1" in err
-    assert cli.main(["train", str(path), "--resume", "output=" + str(tmp_path / "x")]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    # --resume before the first checkpoint (a kill in the first epoch) trains from the start
+    assert cli.main(["train", str(path), "--resume", "output=" + str(tmp_path / "x")]) == 0
+    assert "no checkpoint yet; training from the start" in capsys.readouterr().out
+    assert len(rows(tmp_path / "x" / "metrics.jsonl")) == 2

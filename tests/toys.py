@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ RUN_FILES = {
     rundir.DELTAS,
     rundir.CHECKPOINT_LAST,
     rundir.CHECKPOINT_BEST,
+    rundir.LAYER_SUMMARY,
 }
 
 
@@ -261,3 +263,26 @@ def digits_recipe(output: Path, **changes: Any) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def make_distribution(root: Path, dist: str, module: str, source: str, entry: str | None = None):
+    """Write an installed distribution (module + dist-info with an ``ewgs_plugins``
+    entry point) under ``root``, as pip would."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ewgs_plugins]\n{entry or module} = {module}\n")
+
+
+def run_cli_stopping_at_write(point: int, argv: list[str]) -> None:
+    """In a child process: ``ewgs ARGV``, stopping itself (SIGSTOP) at its ``point``-th
+    write point (``rundir.STOP_AT_WRITE``); one torch thread, as the tests' own process."""
+    import os
+    import sys
+
+    from ewgs_plugins import cli, rundir
+
+    os.environ[rundir.STOP_AT_WRITE] = str(point)
+    torch.set_num_threads(1)
+    sys.exit(cli.main(argv))

@@ -19,8 +19,16 @@ def load_runs(path: str | Path, overrides: Iterable[str] = ()) -> list[Run]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError("", "recipe file not found", source) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            "",
+            f"not a text (UTF-8) file: byte {error.start} is {error.object[error.start]:#x}",
+            source,
+        ) from None
     except OSError as error:
-        raise ConfigError("", f"cannot read the recipe: {error}", source) from None
+        raise ConfigError(
+            "", f"cannot read the recipe: {error.strerror or error}", source
+        ) from None
     return expand_runs(
         parse_yaml(text, source),
         source=source,

@@ -4,12 +4,14 @@ directory's: ``ewgs_plugins.rundir``."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import rundir
-from ..errors import ConfigError
+from .. import distributed, rundir
+from ..errors import ConfigError, RunDirError
 from ..quant import quantizer_bits, set_quantizer_bits
 from ..recipe import Recipe, flatten
 from .optim import build_optimizers, group_layout
@@ -55,12 +57,8 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def restore_trainer(trainer: Trainer, path: Path) -> None:
-    """Put ``trainer`` in the state of the checkpoint ``path`` (its recipe must match)."""
-    try:
-        state = rundir.read_checkpoint(path)
-    except Exception as error:
-        raise ConfigError("output", f"cannot read {path}: {error}") from None
+def restore_trainer(trainer: Trainer, state: Mapping[str, Any]) -> None:
+    """Put ``trainer`` in the checkpointed ``state`` (its recipe must match)."""
     check_same_recipe(trainer.recipe, state["recipe"], trainer.run_dir)
     set_quantizer_bits(trainer.model, state["quantizer_bits"])
     trainer.model.load_state_dict(state["model"])
@@ -83,6 +81,67 @@ def restore_trainer(trainer: Trainer, path: Path) -> None:
     trainer.start_epoch = len(trainer.history)
 
 
+def open_checkpoint(run_dir: Path, *, recover: bool) -> dict[str, Any] | None:
+    """The checked state of ``run_dir``'s last checkpoint, or None if there is none.
+
+    A damaged ``checkpoint_last.pt`` (unreadable, incomplete, or not matching its
+    checksum) falls back to ``checkpoint_best.pt`` when that one is good: with
+    ``recover`` the damaged file is kept as ``checkpoint_last.pt.damaged``, the best
+    checkpoint becomes the last one (the epochs after it are trained again, to the same
+    result), and a warning says so; without, a ``RunDirError`` says to pass --resume.
+    With no good checkpoint to fall back to, a ``RunDirError`` says what to do."""
+    last, best = run_dir / rundir.CHECKPOINT_LAST, run_dir / rundir.CHECKPOINT_BEST
+    if not last.is_file():
+        return None
+    try:
+        return rundir.read_checkpoint(last)
+    except RunDirError as error:
+        damage = str(error)
+    try:
+        fallback = rundir.read_checkpoint(best) if best.is_file() else None
+    except RunDirError:
+        fallback = None
+    if fallback is None:
+        raise RunDirError(
+            f"{damage}, and there is no good {best.name} to fall back to; move the run "
+            f"directory {run_dir} away (or delete it) and train again"
+        )
+    epoch = int(fallback["epoch"]) + 1
+    if not recover:
+        raise RunDirError(
+            f"{damage}; pass --resume to continue from {best.name} (after epoch {epoch})"
+        )
+    if distributed.is_main():
+        os.replace(last, last.with_name(last.name + ".damaged"))
+        rundir.copy_atomic(best, last)
+        print(
+            f"ewgs: warning: {damage}; kept as {last.name}.damaged; resuming from "
+            f"{best.name} (after epoch {epoch})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return fallback
+
+
+def sync_run_files(run_dir: Path, state: Mapping[str, Any]) -> None:
+    """Write what an epoch writes after its checkpoint, from the checkpoint: the
+    metrics files and, when the checkpoint's epoch was the best, the best checkpoint.
+    After a kill between those writes, this makes the run directory agree with itself."""
+    if not distributed.is_main():
+        return
+    rundir.write_metrics(run_dir, state["history"])
+    best = state["best"]
+    if best is None or best.get("epoch") != state["epoch"]:
+        return
+    best_file = run_dir / rundir.CHECKPOINT_BEST
+    try:
+        current = rundir.read_checkpoint(best_file, mmap=True)["checksum"]
+    except (RunDirError, KeyError):
+        current = None
+    if current != state.get("checksum"):
+        rundir.copy_atomic(run_dir / rundir.CHECKPOINT_LAST, best_file)
+
+
 def check_same_recipe(recipe: Recipe, saved: Mapping[str, Any], run_dir: Path) -> None:
     """A ConfigError unless ``recipe`` is the one ``run_dir`` was trained with (apart
     from ``RESUME_MAY_CHANGE``)."""
@@ -103,13 +162,18 @@ def check_same_recipe(recipe: Recipe, saved: Mapping[str, Any], run_dir: Path) -
         )
 
 
-def finished_run(recipe: Recipe) -> bool | None:
+def finished_run(recipe: Recipe, *, resume: bool = False) -> bool | None:
     """Whether the run directory of ``recipe`` holds a finished run (True), an unfinished
-    one (False) or none (None); a run of another recipe is a ConfigError."""
+    one (False) or none (None); a run of another recipe is a ConfigError. The files
+    written after the last checkpoint are brought in line with it (``sync_run_files``);
+    a damaged last checkpoint falls back to the best one when ``resume`` (see
+    ``open_checkpoint``)."""
     run_dir = Path(recipe.output or "")
-    path = run_dir / rundir.CHECKPOINT_LAST
-    if not path.is_file():
+    if not (run_dir / rundir.CHECKPOINT_LAST).is_file():
         return None
-    state = rundir.read_checkpoint(path, mmap=True)
-    check_same_recipe(recipe, state["recipe"], run_dir)
+    with rundir.lock(run_dir):
+        state = open_checkpoint(run_dir, recover=resume)
+        assert state is not None
+        check_same_recipe(recipe, state["recipe"], run_dir)
+        sync_run_files(run_dir, state)
     return bool(state["finished"])

@@ -13,6 +13,29 @@ from ..quant import QuantizerMethod, quantize_model
 from ..recipe import Recipe
 
 
+def quantized_model(
+    recipe: Recipe,
+    num_classes: int,
+    method: QuantizerMethod,
+    backward: BackwardRule,
+    delta: float = 0.0,
+) -> nn.Module:
+    """The recipe's model, quantized by ``method`` with ``backward`` and ``delta`` at
+    every round site (but where the recipe's per-layer ``overrides`` say otherwise), its
+    weights as built (a run's checkpoint or export loads into it)."""
+    return quantize_model(
+        recipe.make_model(num_classes),
+        method,
+        weight_bits=recipe.bits.weights,
+        activation_bits=recipe.bits.activations,
+        backward=backward,
+        delta=delta,
+        quantize_first_last=recipe.quantize_first_last,
+        overrides=recipe.layer_overrides(),
+        inplace=True,
+    )
+
+
 def build_model(
     recipe: Recipe,
     num_classes: int,
@@ -24,17 +47,7 @@ def build_model(
     with its full-precision weights loaded (after the conversion, so a file from a run of
     this trainer at 32 bits loads too; the quantizers are initialised afterwards, on a
     training batch). On the CPU; the trainer moves it."""
-    model = quantize_model(
-        recipe.make_model(num_classes),
-        method,
-        weight_bits=recipe.bits.weights,
-        activation_bits=recipe.bits.activations,
-        backward=backward,
-        delta=delta_estimator.initial(),
-        quantize_first_last=recipe.quantize_first_last,
-        overrides=recipe.layer_overrides(),
-        inplace=True,
-    )
+    model = quantized_model(recipe, num_classes, method, backward, delta_estimator.initial())
     if recipe.model.weights is not None:
         try:
             models.load_full_precision(model, recipe.model.weights)

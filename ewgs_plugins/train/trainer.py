@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ from ..callbacks import DeltaSchedule, lifecycle_manager
 from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
 from ..recipe import Recipe
-from .checkpoint import restore_trainer, trainer_state
+from ..summary import summary_markdown
+from .checkpoint import open_checkpoint, restore_trainer, sync_run_files, trainer_state
 from .loaders import draw_batches, test_loader, to_device, train_loader, train_sampler
 from .model import build_model
 from .optim import LRSchedule, build_optimizers, check_param_groups, initial_layout, move_to_group
@@ -103,10 +105,28 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self._stop = False
         self.criterion = nn.CrossEntropyLoss()
-        checkpoint = self.run_dir / rundir.CHECKPOINT_LAST
-        if resume and not checkpoint.is_file():
-            raise ConfigError("output", f"nothing to resume: {checkpoint} not found")
-        if not resume and checkpoint.is_file():
+        # the run directory first, before data and model are built: it must be a
+        # writable folder, and this process holds its lock until ``run`` returns
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(rundir.lock(self.run_dir))
+        weakref.finalize(self, self._lock.close)
+        try:
+            self._build(resume, callbacks)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, resume: bool, callbacks: Mapping[str, object] | None) -> None:
+        """Everything of ``__init__`` after the run directory's lock is held."""
+        recipe = self.recipe
+        saved: Mapping[str, Any] | None = None
+        if resume:
+            saved = open_checkpoint(self.run_dir, recover=True)
+            if saved is not None:
+                sync_run_files(self.run_dir, saved)
+            elif distributed.is_main():
+                print(f"{self.run_dir}: no checkpoint yet; training from the start", flush=True)
+        elif (self.run_dir / rundir.CHECKPOINT_LAST).is_file():
             raise ConfigError(
                 "output",
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or "
@@ -121,6 +141,13 @@ class Trainer:
         self.train_set = self.dataset.train_set(recipe.data.root)
         self.test_set = self.dataset.test_set(recipe.data.root)
         self.num_classes = self.dataset.num_classes(recipe.data.root)
+        if recipe.data.batch_size > len(self.train_set):
+            raise ConfigError(
+                "data.batch_size",
+                f"{recipe.data.batch_size} is larger than the training set "
+                f"({len(self.train_set)} examples): every step would see the whole set; "
+                f"choose at most {len(self.train_set)}",
+            )
         self.steps_per_epoch = len(self.train_sampler(0))
         self.model = build_model(
             recipe, self.num_classes, self.method, self.backward, self.delta_estimator
@@ -150,8 +177,8 @@ class Trainer:
         self.plugin_manager = lifecycle_manager(self.callbacks)
         self.hooks = self.plugin_manager.hook
 
-        if resume:
-            restore_trainer(self, checkpoint)
+        if saved is not None:
+            restore_trainer(self, saved)
         else:
             init_batch = self.sample_batches(1, tag="init")[0]
             initialize_quantizers(self.model, init_batch[0])
@@ -293,9 +320,13 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def run(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the last metrics row."""
-        if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Train the remaining epochs; returns the last metrics row. The run directory's
+        lock, taken when the trainer was made, is let go when it returns."""
+        with rundir.lock(self.run_dir):
+            self._lock.close()  # the hold of __init__ (the one just taken goes on)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         if self.start_epoch == 0:
             rundir.write_recipe(self.run_dir, self.recipe.to_dict())
         if distributed.is_main():
@@ -324,11 +355,14 @@ class Trainer:
             self.metrics.update(logged)
             self.metrics["time_s"] = round(time.perf_counter() - started, 3)
             self.hooks.ewgs_epoch_end(trainer=self, epoch=epoch, metrics=self.metrics)
+            self._check_finite()
             self.history.append(self.metrics)
             is_best = self.best is None or self.metrics["test_top1"] > self.best["test_top1"]
             if is_best:
                 self.best = self.metrics
             if distributed.is_main():
+                if self.finished:  # before the checkpoint that commits the last epoch
+                    self._write_layer_summary()
                 rundir.save_checkpoint(self.run_dir, trainer_state(self), best=is_best)
                 rundir.write_metrics(self.run_dir, self.history)
                 self._print_epoch()
@@ -336,6 +370,11 @@ class Trainer:
             self.hooks.ewgs_train_end(trainer=self)
         distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
+
+    def _write_layer_summary(self) -> None:
+        """What was trained, layer by layer (bits, δ, integer maps, sizes)."""
+        summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
+        rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
 
     @property
     def finished(self) -> bool:
@@ -398,7 +437,7 @@ class Trainer:
             total = loss + sum(extra) if extra else loss
         value = self._ddp.step_value(total, len(targets)) if self._ddp else float(total.detach())
         if not math.isfinite(value):
-            self._non_finite(value)
+            self._non_finite(f"the training loss is {value}")
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -407,19 +446,29 @@ class Trainer:
         self.scaler.update()
         return loss, outputs, value
 
-    def _non_finite(self, value: float) -> None:
+    def _non_finite(self, what: str) -> None:
         checkpoint = self.run_dir / rundir.CHECKPOINT_LAST
         kept = (
             f"the last good checkpoint ({checkpoint}, after epoch {self.history[-1]['epoch']}) "
-            f"and metrics are kept"
+            "and metrics are kept"
             if self.history
             else "no epoch had finished, so there is no checkpoint"
         )
         raise TrainingError(
-            f"{self.run_dir}: the training loss is {value} at epoch {self.epoch} "
-            f"(step {self.step}); training stopped. {kept}. Lower the learning rate or "
+            f"{self.run_dir}: {what} at epoch {self.epoch} (step {self.step}); training "
+            f"stopped, nothing of this epoch saved. {kept}. Lower the learning rate or "
             "check the data and the quantizer's initialisation."
         )
+
+    def _check_finite(self) -> None:
+        """Before an epoch is saved: every parameter and buffer of the model, and the
+        epoch's losses, must be finite (a checkpoint is only ever a good state)."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                self._non_finite(f"{name} holds non-finite values")
+        for key in ("train_loss", "test_loss"):
+            if not math.isfinite(self.metrics[key]):
+                self._non_finite(f"the {key.replace('_', ' ')} is {self.metrics[key]}")
 
     def _print_epoch(self) -> None:
         m = self.metrics

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ewgs_plugins.quant import Quantizer, QuantizerMethod
+from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
 
 from .._common import SignFromFirstBatch, percentile
 
@@ -86,6 +86,20 @@ class ProfitQuantizer(SignFromFirstBatch):
         n = 2 ** (self.bits - 1) - 1  # hardtanh(x/a) on ±n levels, n = 2^(b-1) - 1
         levels = self.round_site(x * (n / a), 2 * n, float(-n), float(n))
         return levels * (c / n)
+
+    @torch.no_grad()
+    def integer_map(self) -> IntegerMap:
+        """Unsigned: codes ``0 .. 2^b − 1``, scale ``c / (2^b − 1)``. Symmetric: codes
+        ``−n .. n``, scale ``c / n``. Binary: codes {0, 1}, values ``±c``: scale ``2c``,
+        zero point 1/2 (``2c · (k − 1/2)`` is ``k · 2c − c`` exactly)."""
+        c = F.softplus(self.c)
+        if not self.is_signed:
+            steps = 2**self.bits - 1
+            return IntegerMap(c / steps, torch.tensor(0.0), 0, steps)
+        if self.bits == 1:
+            return IntegerMap(2.0 * c, torch.tensor(0.5), 0, 1)
+        n = 2 ** (self.bits - 1) - 1
+        return IntegerMap(c / n, torch.tensor(0.0), -n, n)
 
 
 class ProfitMethod(QuantizerMethod):

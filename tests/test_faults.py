@@ -1,0 +1,454 @@
+"""Runs that survive faults, concurrency and hostile files (issue 12): every case of
+the issue as a test. A user's mistake or a broken environment is one line and exit
+status 2; a killed run resumes to the same result; nothing is left half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_core_readme import readme_plugin_source
+from toys import make_distribution, run_cli_stopping_at_write
+
+from ewgs_plugins import TrainingError, cli, hookimpl, rundir
+from ewgs_plugins.data import Digits
+from ewgs_plugins.errors import RunDirError
+from ewgs_plugins.recipe import load_recipe
+from ewgs_plugins.train import Trainer
+from ewgs_plugins.train import trainer as trainer_module
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo" / "digits.yaml"
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ewgs: error: "), err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------- plugins
+
+
+def test_ewgs_plugins_lists_what_loaded_and_names_what_failed(site_packages, capsys):
+    make_distribution(site_packages, "ewgs-broken", "ewgs_broken", "import not_a_module_anywhere\n")
+    make_distribution(
+        site_packages,
+        "ewgs-raises",
+        "ewgs_raises",
+        """
+        from ewgs_plugins import hookimpl
+
+        @hookimpl
+        def ewgs_models():
+            raise RuntimeError("no models today")
+        """,
+    )
+    assert cli.main(["plugins"]) == 2
+    out, err = capsys.readouterr()
+    assert "  ewgs             plugin core (ewgs-plugins)" in out  # the rest still listed
+    assert "  digits           plugin datasets (ewgs-plugins)" in out
+    failed = err.strip().splitlines()
+    assert len(failed) == 2, err
+    assert "plugin 'ewgs_broken' (distribution ewgs-broken" in failed[0]
+    assert "ModuleNotFoundError" in failed[0] and "not_a_module_anywhere" in failed[0]
+    assert "plugin 'ewgs_raises' failed while registering models" in failed[1]
+    # training still refuses to run with a broken plugin installed (strict registry)
+    assert cli.main(["train", str(DEMO), "matrix=null"]) == 2
+    assert "ewgs_broken" in one_error_line(capsys.readouterr().err)
+
+
+def test_two_entry_points_naming_one_module_is_one_line(site_packages, capsys):
+    source = """
+        from ewgs_plugins import hookimpl
+        from ewgs_plugins.backward import StraightThrough
+
+        @hookimpl
+        def ewgs_backward_rules():
+            return {"my-ste": StraightThrough}
+        """
+    make_distribution(site_packages, "ewgs-mine", "ewgs_mine", source)
+    info = site_packages / "ewgs_mine_again-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ewgs-mine-again\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ewgs_plugins]\nmine_again = ewgs_mine\n")
+    assert cli.main(["plugins"]) == 2
+    out, err = capsys.readouterr()
+    assert "my-ste" in out
+    line = one_error_line(err)
+    assert "'mine_again'" in line and "'ewgs_mine'" in line
+    assert "remove one of the two entry points" in line
+
+
+# ------------------------------------------------------------ the README's example
+
+
+def final_top1(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["test_top1"]
+
+
+def test_the_readme_method_trains_like_a_built_in_one(site_packages, capsys):
+    """Installed as a real distribution (entry point), the README's example trains the
+    digits demo to within a few points of DoReFa (whose quantizer it simplifies);
+    before the fix its weight quantizer sent every weight to 0 (chance, ~10 %)."""
+    make_distribution(site_packages, "my-quant", "my_quant", readme_plugin_source())
+    common = [f"{DEMO}", "matrix=null", "backward=ste", "epochs=6", "device=cpu"]
+    for method in ("uniform", "dorefa"):
+        output = f"output={site_packages / method}"
+        assert cli.main(["train", *common, f"method={method}", output]) == 0
+    uniform, dorefa = final_top1(site_packages / "uniform"), final_top1(site_packages / "dorefa")
+    assert uniform > 70 and uniform > dorefa - 6, (uniform, dorefa)
+
+
+# ------------------------------------------------------------ a run to break, and how
+
+#: the digits demo at its smallest: the real model and method (a subprocess has no toy
+#: plugins), EWGS with a Hessian δ every epoch (so deltas.jsonl changes too), 2 epochs
+SMALL = [
+    "matrix=null",
+    "method=lsq",
+    "backward=ewgs",
+    "epochs=2",
+    "device=cpu",
+    "data.batch_size=128",
+    "data.options={test_fraction: 0.5}",
+    "model.options={width: 4}",
+    "delta.options={every: 1, unit: epoch, batches: 1, samples: 2}",
+]
+
+
+def train(output: Path, *extra: str) -> int:
+    return cli.main(["train", str(DEMO), *SMALL, f"output={output}", *extra])
+
+
+@pytest.fixture(scope="module")
+def processes():
+    """Child processes forked from a server that has imported the library once (a
+    fresh interpreter per child would import torch each time)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ewgs_plugins.cli", "toys"])
+    return context
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` (``T``: stopped)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def start_stopped(processes, command: list[str], stop_at: int):
+    """Start ``ewgs COMMAND`` in a child process that stops itself (SIGSTOP) at its
+    ``stop_at``-th write point; returns once it has stopped there."""
+    process = processes.Process(target=run_cli_stopping_at_write, args=(stop_at, command))
+    process.start()
+    while process.is_alive() and process_state(process.pid) != "T":
+        time.sleep(0.02)
+    assert process.is_alive(), f"exited ({process.exitcode}) before write point {stop_at}"
+    return process
+
+
+def kill(process) -> None:
+    """SIGKILL, from outside."""
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+def same_run(run: Path, reference: Path) -> None:
+    """``run`` ends where ``reference`` ended, bit for bit: weights, optimizer state,
+    metrics, δ history, best checkpoint, and no file more or less."""
+    names = {p.name for p in run.iterdir()}
+    assert names == {p.name for p in reference.iterdir()}, names
+    for name in (rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST):
+        mine, theirs = rundir.read_checkpoint(run / name), rundir.read_checkpoint(reference / name)
+        assert mine["epoch"] == theirs["epoch"] and mine["finished"] == theirs["finished"]
+        for part in ("model", "optimizers"):
+            assert rundir.checksum(mine[part]) == rundir.checksum(theirs[part]), (name, part)
+        assert without_time(mine["history"]) == without_time(theirs["history"])
+    assert without_time(rundir.read_metrics(run)) == without_time(rundir.read_metrics(reference))
+    assert rundir.read_deltas(run) == rundir.read_deltas(reference)
+    csv_rows = (run / rundir.METRICS_CSV).read_text().splitlines()
+    assert len(csv_rows) == 3
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, int]:
+    """An uninterrupted run, and how many write points it passes."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    before = rundir.write_points
+    assert train(output) == 0
+    return output, rundir.write_points - before
+
+
+# ------------------------------------------------------------------------- kills
+
+
+def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_run(reference, processes, tmp_path):
+    """SIGKILL from outside at every write point of a run (each a temporary file written
+    and not yet in place: the recipe, δ, each epoch's checkpoint, best copy and metrics
+    files), then --resume: the same run, bit for bit, and nothing left behind."""
+    reference_run, points = reference
+    assert points >= 10
+    for point in range(1, points + 1):
+        output = tmp_path / f"killed-at-{point}"
+        kill(start_stopped(processes, ["train", str(DEMO), *SMALL, f"output={output}"], point))
+        assert list(output.glob("*.tmp")), point  # killed mid-write
+        assert train(output, "--resume") == 0, point
+        same_run(output, reference_run)
+    # one more point than there are: the run is not stopped (so all were visited)
+    command = ["train", str(DEMO), *SMALL, f"output={tmp_path / 'not-stopped'}"]
+    done = processes.Process(target=run_cli_stopping_at_write, args=(points + 1, command))
+    done.start()
+    done.join()
+    assert done.exitcode == 0
+
+
+def test_a_kill_after_the_last_checkpoint_leaves_a_run_that_agrees_with_itself(
+    reference, tmp_path, capsys
+):
+    """The issue's two cases, made by hand: the final checkpoint written but not the
+    metrics (resume called it finished, report unfinished), and the best checkpoint
+    stale behind the last one."""
+    reference_run, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    rows = (run / rundir.METRICS_JSONL).read_text().splitlines()
+    (run / rundir.METRICS_JSONL).write_text(rows[0] + "\n")
+    best = rundir.read_checkpoint(run / rundir.CHECKPOINT_BEST)
+    if best["epoch"] == 1:  # the last epoch was the best: make the best file stale
+        older = dict(best, epoch=0, history=best["history"][:1])
+        rundir.save_atomic({**older, "checksum": rundir.checksum(older)}, run / "b.pt")
+        os.replace(run / "b.pt", run / rundir.CHECKPOINT_BEST)
+    assert train(run, "--resume") == 0
+    assert "finished already" in capsys.readouterr().out
+    same_run(run, reference_run)
+    assert cli.main(["report", str(run)]) == 0  # the report sees a finished run
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_two_compares_on_one_output_one_refuses_naming_the_holder(processes, tmp_path, capsys):
+    output = tmp_path / "out"
+    command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
+    first = start_stopped(processes, command, 1)  # holds the lock, stopped at a write
+    try:
+        assert cli.main(command) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"is in use by process {first.pid} on host {socket.gethostname()}" in line
+        (run,) = [path for path in output.iterdir() if path.is_dir()]  # the first run's
+        # and its run directory, to a plain train of the same run
+        assert train(run, "seed=0", "--resume") == 2
+        assert f"in use by process {first.pid}" in one_error_line(capsys.readouterr().err)
+    finally:
+        kill(first)
+    # the lock of a killed process is stale: the next compare takes it (and says to
+    # --resume the run the killed one left, as nothing was checkpointed: it starts)
+    assert cli.main([*command, "--resume"]) == 0
+    assert not list(output.rglob("*.tmp")) and not list(output.rglob(rundir.LOCK))
+
+
+# ------------------------------------------------------------ damaged checkpoints
+
+
+def flip_a_byte_inside_a_tensor(path: Path) -> None:
+    """Flip one byte in the middle of the largest weight's data in the file."""
+    state = rundir.read_checkpoint(path)
+    weight = max(state["model"].values(), key=lambda t: t.numel())
+    data = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    content = bytearray(path.read_bytes())
+    at = content.index(data) + len(data) // 2
+    content[at] ^= 0x10
+    path.write_bytes(bytes(content))
+
+
+DAMAGES = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "random bytes": lambda path: path.write_bytes(os.urandom(4096)),
+    "no checkpoint keys": lambda path: torch.save({"format": rundir.CHECKPOINT_FORMAT}, path),
+    "a flipped byte in a tensor": flip_a_byte_inside_a_tensor,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_last_checkpoint_is_one_line_and_resume_falls_back(
+    reference, tmp_path, capsys, damage
+):
+    reference_run, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    DAMAGES[damage](run / rundir.CHECKPOINT_LAST)
+    # without --resume: one line naming the file, saying what to do
+    assert train(run) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(run / rundir.CHECKPOINT_LAST) in line and "pass --resume to continue from" in line
+    with pytest.raises(RunDirError, match="checkpoint_last.pt: "):
+        rundir.read_checkpoint(run / rundir.CHECKPOINT_LAST)
+    # --resume continues from the best checkpoint, keeps the damaged file, says so,
+    # and ends where the uninterrupted run ended
+    assert train(run, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "ewgs: warning: " in err and "resuming from checkpoint_best.pt" in err
+    damaged = run / (rundir.CHECKPOINT_LAST + ".damaged")
+    assert damaged.is_file()
+    damaged.unlink()
+    same_run(run, reference_run)
+
+
+def test_no_good_checkpoint_left_is_one_line_for_every_command(reference, tmp_path, capsys):
+    reference_run, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    for name in (rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_BEST):
+        (run / name).write_bytes(b"\0" * 100)
+    compare = ["compare", str(DEMO), *SMALL, f"output={run}", "--resume"]
+    for command in (["train", *compare[1:-1]], ["train", *compare[1:]], compare):
+        assert cli.main(command) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "checkpoint_last.pt: cannot be read" in line
+        assert "no good checkpoint_best.pt to fall back to; move the run directory" in line
+
+
+# ------------------------------------------------------------------- NaN / inf
+
+
+class PoisonLastStep:
+    """Makes a weight non-finite in the last step of the run (after the loss was
+    checked): what a diverging last step does."""
+
+    @hookimpl
+    def ewgs_step_end(self, trainer, step: int, loss: float) -> None:
+        if step == trainer.recipe.epochs * trainer.steps_per_epoch - 1:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("inf")
+
+
+def test_non_finite_weights_after_an_epoch_are_never_saved(reference, tmp_path):
+    reference_run, _ = reference
+    output = tmp_path / "run"
+    recipe = load_recipe(DEMO, [*SMALL, f"output={output}"])
+    with pytest.raises(TrainingError) as error:
+        Trainer(recipe, callbacks={"poison": PoisonLastStep()}, progress=False).run()
+    message = str(error.value)
+    assert (
+        "holds non-finite values at epoch 1" in message and "nothing of this epoch saved" in message
+    )
+    assert "the last good checkpoint" in message and "after epoch 0" in message
+    saved = rundir.read_checkpoint(output / rundir.CHECKPOINT_LAST)
+    assert saved["epoch"] == 0 and len(rundir.read_metrics(output)) == 1
+    for tensor in saved["model"].values():
+        assert torch.isfinite(tensor.float()).all()
+    # the last good checkpoint is good: --resume finishes the run as if nothing happened
+    assert train(output, "--resume") == 0
+    same_run(output, reference_run)
+
+
+# ---------------------------------------------------------- user errors: one line
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_data(
+    tmp_path, capsys, monkeypatch
+):
+    def not_yet(*args, **kwargs):
+        raise AssertionError("data or model built before the output was checked")
+
+    monkeypatch.setattr(Digits, "train_set", not_yet)
+    monkeypatch.setattr(trainer_module, "build_model", not_yet)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for output, expected in (
+        (a_file, "output must be a folder, and this is a file"),
+        (a_file / "run", "output lies under a file, not a folder"),
+    ):
+        assert train(output) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+        compare = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
+        assert cli.main(compare) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", read_only)
+        assert train(tmp_path / "new") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'new'}: cannot create the folder: Read-only file system" in line
+
+    def full_disk(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:  # a full disk fails the lock file's write first
+        patch.setattr(os, "fsync", full_disk)
+        assert train(tmp_path / "full") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "full/.ewgs.lock: cannot write it: No space left on device" in line
+    assert not list((tmp_path / "full").iterdir())
+
+
+def test_a_full_disk_while_training_is_one_line_and_leaves_no_temporary_file(
+    tmp_path, capsys, monkeypatch
+):
+    real_fsync = os.fsync
+
+    def full_for_checkpoints(handle):
+        if Path(f"/proc/self/fd/{handle}").resolve().name.startswith(rundir.CHECKPOINT_LAST):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", full_for_checkpoints)
+    output = tmp_path / "run"
+    assert train(output) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{output / rundir.CHECKPOINT_LAST}: cannot write it: No space left" in line
+    assert "it was not written" in line
+    assert {p.name for p in output.iterdir()} == {rundir.RECIPE, rundir.DELTAS}
+
+
+def test_hostile_files_are_one_line(tmp_path, capsys, reference):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    assert cli.main(["train", str(binary)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{binary}: not a text (UTF-8) file: byte 0 is 0x89" in line
+    reference_run, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    with (run / rundir.METRICS_JSONL).open("a") as metrics:
+        metrics.write('{"epoch": 2, "test_to')  # a torn line
+    assert cli.main(["report", str(run)]) == 2
+    assert "metrics.jsonl, line 3: " in one_error_line(capsys.readouterr().err)
+    shutil.copy(reference_run / rundir.METRICS_JSONL, run / rundir.METRICS_JSONL)
+    (run / rundir.RECIPE).write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(["report", str(run)]) == 2
+    assert "recipe.yaml: cannot be read as a recipe" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys):
+    assert train(tmp_path / "run", "data.batch_size=5000") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "data.batch_size: 5000 is larger than the training set (899 examples)" in line
+
+
+def test_a_weights_file_of_pickled_objects_is_one_line_suggesting_nothing_unsafe(tmp_path, capsys):
+    path = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state_dict
+    assert train(tmp_path / "run", f"model.weights={path}") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.weights: " in line and f"{path}: cannot be read" in line
+    assert "never loaded" in line
+    assert "weights_only=False" not in line and "weights_only` set to `False" not in line
