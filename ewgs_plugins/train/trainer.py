@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import distributed, rundir
+from .. import distributed, provenance, rundir
 from ..callbacks import DeltaSchedule, lifecycle_manager
 from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
@@ -329,6 +329,8 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         if self.start_epoch == 0:
             rundir.write_recipe(self.run_dir, self.recipe.to_dict())
+        if distributed.is_main():
+            provenance.record(self.run_dir, self.device, resumed=self.start_epoch > 0)
         self.epoch = self.start_epoch
         self.hooks.ewgs_train_start(trainer=self)
         for epoch in range(self.start_epoch, self.recipe.epochs):
