@@ -7,6 +7,7 @@ from .errors import ConfigError, EwgsError, ExportError, PluginError, TrainingEr
 from .hookspecs import hookimpl
 from .quant import (
     IntegerMap,
+    LayerOverride,
     QuantConv2d,
     Quantizer,
     QuantizerMethod,
@@ -32,6 +33,7 @@ __all__ = [
     "FixedDelta",
     "HessianDelta",
     "IntegerMap",
+    "LayerOverride",
     "PluginError",
     "QuantConv2d",
     "QuantLinear",

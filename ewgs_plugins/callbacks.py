@@ -14,6 +14,8 @@ Generic QAT tools registered here (any method): ``distill`` (knowledge distillat
 a full-precision teacher) and ``ema`` (an exponential moving average of the model,
 evaluated every epoch); see ``ewgs_plugins.qat_callbacks``. ``mechanism`` writes what a
 backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mechanism``).
+``tensorboard`` logs the run for TensorBoard (``ewgs_plugins.tensorboard``; needs the
+``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .errors import PluginError
 from .hookspecs import PROJECT, LifecycleSpec, hookimpl
 from .mechanism import Mechanism
 from .qat_callbacks import Distill, WeightEMA
-from .quant import active_round_sites, set_deltas
+from .quant import active_round_sites, fixed_delta_sites, set_deltas
+from .tensorboard import TensorBoard
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -105,9 +108,9 @@ class DeltaSchedule:
         The batches and the random probes come from seeds derived from (seed, epoch,
         step): under torchrun every process estimates on the same whole batches (so δ
         does not depend on the number of processes), and takes rank 0's δ."""
-        if isinstance(trainer.backward, StraightThrough):
-            return
         model = trainer.model
+        if all(isinstance(s.rule, StraightThrough) for s in active_round_sites(model).values()):
+            return  # δ has no effect (per-layer overrides may mix the rules)
         batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
         was_training = model.training
         model.train()
@@ -116,6 +119,8 @@ class DeltaSchedule:
                 new = self.estimator.estimate(model, batches, trainer.loss_fn)
         finally:
             model.train(was_training)
+        fixed = fixed_delta_sites(model)  # a per-layer override fixed their δ
+        new = {name: value for name, value in new.items() if name not in fixed}
         if new:
             new = distributed.broadcast_values(new)
             set_deltas(model, new)
@@ -136,4 +141,9 @@ class DeltaSchedule:
 def ewgs_callbacks() -> Mapping[str, Callable[..., Any]]:
     """Named callbacks for recipes. The δ schedule is not among them: it is always on
     and configured by the recipe's ``delta:`` section."""
-    return {"distill": Distill, "ema": WeightEMA, "mechanism": Mechanism}
+    return {
+        "distill": Distill,
+        "ema": WeightEMA,
+        "mechanism": Mechanism,
+        "tensorboard": TensorBoard,
+    }

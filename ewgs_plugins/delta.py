@@ -65,26 +65,53 @@ class FixedDelta(DeltaEstimator):
         return self.value
 
 
+Probe = Literal["site", "kind", "all", "scaled"]
+Stop = Literal["change", "sem"]
+#: The default probing: the cheapest setting measured that agrees with the paper's
+#: per-site estimator at the CIFAR-10 recipe's settings (README, Benchmarks, "The δ
+#: estimate: cost against agreement"); the paper's is ``probe="site", samples=50``.
+DEFAULT_PROBE: Probe = "kind"
+DEFAULT_SAMPLES = 3
+
+
 @dataclass
 class HessianDelta(DeltaEstimator):
     """δ = max(0, (Tr(H)/N) / G) per site, estimated every ``every`` epochs (or steps)
-    on ``batches`` training batches with Hutchinson's method (up to ``samples``
-    Rademacher probes, stopping when the running mean moves by less than ``tol``
-    relative to its magnitude). G is ``3·std(g)`` (``std``), ``max|g|`` or ``mean|g|``.
+    on ``batches`` training batches with Hutchinson's method. G is ``3·std(g)``
+    (``std``), ``max|g|`` or ``mean|g|`` (paper Table 4).
 
-    ``blockwise`` probes each site alone (the paper's code: one Hessian-vector
-    product per site per probe); otherwise every site is probed at once with its own
-    independent vector, which has the same expectation at a fraction of the cost.
+    ``probe`` says which sites share a Hessian-vector product (each site always gets
+    its own independent Rademacher vector, so every choice has the same expectation,
+    ``Tr(H_ss)``; they differ in cost and noise):
+
+    - ``site``: each site alone, one product per site per probe (the paper's code, with
+      ``samples: 50``);
+    - ``kind``: all weight sites in one product, all activation sites in another (the
+      noise at a site then comes from sites of its own kind only);
+    - ``all``: every site in one product;
+    - ``scaled``: every site in one product, site s's vector scaled by ``1/√N_s`` (and
+      its estimate by ``N_s``), so that the cross terms from large sites (activations)
+      weigh less at small ones (weights), and the reverse.
+
+    Up to ``samples`` probes per site and batch; ``per_product`` probes are drawn at
+    once and go through one batched product (``is_grads_batched``). A site stops early
+    by ``stop``: ``change`` (the running mean moves by less than ``tol`` relative to
+    its magnitude; the paper's rule) or ``sem`` (the standard error of the mean is at
+    most ``tol`` times its magnitude); ``tol: 0`` never stops early. ``sub_batch``
+    estimates on the first ``sub_batch`` samples of each batch (null: the whole batch).
     """
 
     every: int = 10
     unit: Schedule = "epoch"
     batches: int = 3
-    samples: int = 50
+    probe: Probe = DEFAULT_PROBE
+    samples: int = DEFAULT_SAMPLES
+    per_product: int = 1
+    stop: Stop = "change"
     tol: float = 1e-3
+    sub_batch: int | None = None
     representative: Representative = "std"
     before_training: bool = False
-    blockwise: bool = True
     initial_value: float = 0.0
     name = "hessian"
 
@@ -93,6 +120,8 @@ class HessianDelta(DeltaEstimator):
             ("every", self.every, 0),
             ("batches", self.batches, 1),
             ("samples", self.samples, 1),
+            ("per_product", self.per_product, 1),
+            ("sub_batch", 1 if self.sub_batch is None else self.sub_batch, 1),
         ):
             if value < minimum:
                 raise ValueError(f"{field} must be >= {minimum}, got {value}")
@@ -111,10 +140,13 @@ class HessianDelta(DeltaEstimator):
             model,
             batches,
             loss_fn,
+            probe=self.probe,
             samples=self.samples,
+            per_product=self.per_product,
+            stop=self.stop,
             tol=self.tol,
+            sub_batch=self.sub_batch,
             representative=self.representative,
-            blockwise=self.blockwise,
         )
 
 
@@ -127,9 +159,38 @@ def _representative(grad: Tensor, kind: Representative) -> Tensor:
     return grad.abs().mean()
 
 
-def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
+def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
     return bits.to(like.dtype) * 2 - 1
+
+
+@dataclass
+class TraceEstimate:
+    """One point's Hutchinson estimate so far: Welford's running mean and variance of
+    its probe values (``count`` of them)."""
+
+    count: int = 0
+    mean: float = 0.0
+    squares: float = 0.0  # sum of squared deviations from the mean
+    done: bool = False
+
+    def add(self, value: float, stop: Stop, tol: float) -> None:
+        previous = self.mean
+        self.count += 1
+        self.mean += (value - previous) / self.count
+        self.squares += (value - previous) * (value - self.mean)
+        if self.count < 2 or tol == 0:  # tol 0: no early stop
+            return
+        if stop == "change":
+            self.done = _converged(previous, self.mean, tol)
+        else:
+            self.done = self.standard_error() <= tol * abs(self.mean)
+
+    def standard_error(self) -> float:
+        """The standard error of ``mean`` (inf with fewer than two probes)."""
+        if self.count < 2:
+            return math.inf
+        return math.sqrt(self.squares / (self.count - 1) / self.count)
 
 
 def _converged(previous: float, current: float, tol: float) -> bool:
@@ -149,44 +210,83 @@ def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         value.copy_(state[key])
 
 
+def probe_groups(probe: Probe, names: list[str]) -> list[list[int]]:
+    """The indices of ``names`` that share a Hessian-vector product under ``probe``
+    (``kind`` tells weight sites, named ``*.weight``, from activation sites)."""
+    if probe == "site":
+        return [[i] for i in range(len(names))]
+    if probe in ("all", "scaled"):
+        return [list(range(len(names)))]
+    weights = [i for i, name in enumerate(names) if name.endswith(".weight")]
+    others = [i for i in range(len(names)) if i not in weights]
+    return [group for group in (weights, others) if group]
+
+
 def hutchinson_traces(
+    loss: Tensor, points: list[Tensor], **probing: Any
+) -> tuple[list[float], list[Tensor]]:
+    """``hutchinson_estimates`` with the traces as numbers (their means)."""
+    estimates, grads = hutchinson_estimates(loss, points, **probing)
+    return [e.mean for e in estimates], grads
+
+
+def hutchinson_estimates(
     loss: Tensor,
     points: list[Tensor],
     *,
+    groups: list[list[int]] | None = None,
+    scales: list[float] | None = None,
     samples: int = 50,
+    per_product: int = 1,
+    stop: Stop = "change",
     tol: float = 1e-3,
-    blockwise: bool = True,
     generator: torch.Generator | None = None,
-) -> tuple[list[float], list[Tensor]]:
+) -> tuple[list[TraceEstimate], list[Tensor]]:
     """Estimate ``Tr(H_ii)`` of ``loss`` for each tensor in ``points`` (diagonal blocks
-    of the Hessian) with Rademacher probes ``vᵀHv``; returns the traces and the
-    gradients ``dloss/dpoint`` (detached)."""
+    of the Hessian) with Rademacher probes ``v_iᵀ(Hv)_i``; returns the estimates and the
+    gradients ``dloss/dpoint`` (detached).
+
+    ``groups`` (default: each point alone) lists the points probed together: one
+    product ``Hv`` with an independent vector on each point of the group. For i ≠ j the
+    cross term ``v_iᵀ H_ij v_j`` has expectation 0, so every grouping estimates the
+    same traces. ``scales``: point i's vector is ``scales[i]·v_i`` and its value
+    ``v_iᵀ(Hu)_i / scales[i]``, which keeps the expectation and weighs the cross term
+    from point j by ``scales[j] / scales[i]``. ``per_product`` probes share one batched
+    product."""
     grads = torch.autograd.grad(loss, points, create_graph=True, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, points)]
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    means = [0.0] * len(points)
-    done = [i not in live for i in range(len(points))]
-    for sample in range(1, samples + 1):
-        active = [i for i in live if not done[i]]
-        if not active:
+    groups = [[i] for i in range(len(points))] if groups is None else groups
+    running = [TraceEstimate(done=not g.requires_grad) for g in grads]
+    while True:
+        todo = [[i for i in group if not running[i].done] for group in groups]
+        todo = [group for group in todo if group]
+        if not todo:
             break
-        groups = [[i] for i in active] if blockwise else [active]
-        for group in groups:
-            probes = [_rademacher(points[i], generator) for i in group]
+        for group in todo:
+            count = min(per_product, samples - running[group[0]].count)
+            batched = count > 1
+            shape = (count,) if batched else ()
+            probes = [_rademacher(shape + points[i].shape, points[i], generator) for i in group]
+            if scales is not None:
+                probes = [v * scales[i] for i, v in zip(group, probes)]
             products = torch.autograd.grad(
                 [grads[i] for i in group],
                 [points[i] for i in group],
                 grad_outputs=probes,
                 retain_graph=True,
                 allow_unused=True,
+                is_grads_batched=batched,
             )
             for i, v, hv in zip(group, probes, products):
-                value = 0.0 if hv is None else float((v * hv).sum())
-                previous = means[i]
-                means[i] += (value - previous) / sample
-                if sample > 1 and _converged(previous, means[i], tol):
-                    done[i] = True
-    return means, [g.detach() for g in grads]
+                scale2 = 1.0 if scales is None else scales[i] ** 2
+                values = (
+                    [0.0] * count if hv is None else (v * hv).reshape(count, -1).sum(1) / scale2
+                )
+                for value in values:
+                    running[i].add(float(value), stop, tol)
+                if running[i].count >= samples:
+                    running[i].done = True
+    return running, [g.detach() for g in grads]
 
 
 def estimate_hessian_deltas(
@@ -194,11 +294,8 @@ def estimate_hessian_deltas(
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], Tensor],
     *,
-    samples: int = 50,
-    tol: float = 1e-3,
     representative: Representative = "std",
-    blockwise: bool = True,
-    generator: torch.Generator | None = None,
+    **probing: Any,
 ) -> dict[str, float]:
     """δ for every round site of ``model`` (paper Eq. 8-10), averaged over ``batches``.
 
@@ -208,7 +305,31 @@ def estimate_hessian_deltas(
     forward. The model keeps its mode (the paper estimates in train mode); its
     parameters, buffers and gradients and the global RNG state are left as they were.
     Under ``torch.distributed`` the traces and G are averaged across ranks.
+    ``probing``: the keywords of ``curvature_ratios`` (``probe``, ``samples``, ...).
     """
+    ratios = curvature_ratios(model, batches, loss_fn, representative=representative, **probing)
+    # Eq. 10 per batch, averaged over batches, then max(0, ·).
+    return {name: max(0.0, sum(r for r, _ in rs) / len(rs)) for name, rs in ratios.items()}
+
+
+def curvature_ratios(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    *,
+    probe: Probe = DEFAULT_PROBE,
+    samples: int = DEFAULT_SAMPLES,
+    per_product: int = 1,
+    stop: Stop = "change",
+    tol: float = 1e-3,
+    sub_batch: int | None = None,
+    representative: Representative = "std",
+    generator: torch.Generator | None = None,
+) -> dict[str, list[tuple[float, float]]]:
+    """Per site (sorted by name), per batch: the signed ``(Tr(H)/N) / G`` (Eq. 10
+    before its ``max(0, ·)``) and its standard error over the probes, with the
+    side-effect guarantees of ``estimate_hessian_deltas``. ``sub_batch``: use the first
+    ``sub_batch`` samples of each batch (a tuple of tensors, samples along dim 0)."""
     sites = round_sites(model)
     state = _snapshot(model)
     ratios: dict[str, list[float]] = {}
@@ -216,31 +337,37 @@ def estimate_hessian_deltas(
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.enable_grad():
             for batch in batches:
+                if sub_batch is not None:
+                    batch = tuple(part[:sub_batch] for part in batch)
                 per_site = _curvature_and_representative(
                     model,
                     sites,
                     batch,
                     loss_fn,
                     representative,
+                    probe=probe,
                     samples=samples,
+                    per_product=per_product,
+                    stop=stop,
                     tol=tol,
-                    blockwise=blockwise,
                     generator=generator,
                 )
-                for name, (curvature, g) in _average_across_ranks(per_site).items():
+                for name, (curvature, error, g) in _average_across_ranks(per_site).items():
                     ratio = curvature / g if g > 0 else 0.0
-                    ratios.setdefault(name, []).append(ratio if math.isfinite(ratio) else 0.0)
+                    ratio_error = error / g if g > 0 else 0.0
+                    ratios.setdefault(name, []).append(
+                        (ratio if math.isfinite(ratio) else 0.0, ratio_error)
+                    )
     finally:
         for site in sites.values():
             site.capture = None
         _restore(model, state)
-    # Eq. 10 per batch, averaged over batches, then max(0, ·).
-    return {name: max(0.0, sum(r) / len(r)) for name, r in sorted(ratios.items())}
+    return dict(sorted(ratios.items()))
 
 
 def _average_across_ranks(
-    per_site: dict[str, tuple[float, float]],
-) -> dict[str, tuple[float, float]]:
+    per_site: dict[str, tuple[float, ...]],
+) -> dict[str, tuple[float, ...]]:
     if not (dist.is_available() and dist.is_initialized()) or not per_site:
         return per_site
     names = sorted(per_site)
@@ -252,7 +379,7 @@ def _average_across_ranks(
     values = torch.tensor([per_site[n] for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     values = (values / dist.get_world_size()).cpu().tolist()
-    return {name: (row[0], row[1]) for name, row in zip(names, values)}
+    return {name: tuple(row) for name, row in zip(names, values)}
 
 
 def _curvature_and_representative(
@@ -261,9 +388,12 @@ def _curvature_and_representative(
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], Tensor],
     representative: Representative,
+    *,
+    probe: Probe,
     **hutchinson: Any,
-) -> dict[str, tuple[float, float]]:
-    """Per site: (Tr(H)/N, G) on one batch, both in the fraction-of-range unit."""
+) -> dict[str, tuple[float, float, float]]:
+    """Per site: (Tr(H)/N, its standard error, G) on one batch, in the
+    fraction-of-range unit."""
     for site in sites.values():
         site.capture = []
     try:
@@ -277,12 +407,20 @@ def _curvature_and_representative(
     points = [captured[n][-1][0] for n in names]
     if not points:
         return {}
-    traces, grads = hutchinson_traces(loss, points, **hutchinson)
+    groups = probe_groups(probe, names)
+    scales = [p.numel() ** -0.5 for p in points] if probe == "scaled" else None
+    estimates, grads = hutchinson_estimates(
+        loss, points, groups=groups, scales=scales, **hutchinson
+    )
     result = {}
-    for name, point, trace, grad in zip(names, points, traces, grads):
+    for name, point, estimate, grad in zip(names, points, estimates, grads):
         steps = captured[name][-1][1]
         # The captured values are in level units; as a fraction of the range they are
         # x_q = level / steps, so Tr(H)/N scales by steps² and G by steps.
-        curvature = trace / point.numel() * steps**2
-        result[name] = (curvature, float(_representative(grad, representative)) * steps)
+        per_element = steps**2 / point.numel()
+        result[name] = (
+            estimate.mean * per_element,
+            estimate.standard_error() * per_element,
+            float(_representative(grad, representative)) * steps,
+        )
     return result

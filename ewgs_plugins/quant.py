@@ -8,8 +8,10 @@ for each layer; each quantizer owns one round site. ``quantize_model`` replaces 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -175,6 +177,9 @@ class _QuantLayerMixin:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: δ fixed for this layer's sites by a per-layer override (the δ schedule leaves
+    #: them alone); None: the run's δ estimator decides
+    fixed_delta: float | None = None
 
     def _setup_quantization(
         self, method: QuantizerMethod, weight_bits: int, activation_bits: int
@@ -301,6 +306,64 @@ def _resolve(kind: str, value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class LayerOverride:
+    """Quantization settings for the layers whose qualified names match ``layers``: glob
+    patterns (``layer1.*``, ``fc``), or regular expressions written ``re:<regex>``, each
+    matched against the whole name. A field left None keeps what the defaults and the
+    earlier overrides give."""
+
+    layers: tuple[str, ...]
+    method: QuantizerMethod | str | None = None
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    backward: BackwardRule | str | None = None
+    delta: float | None = None
+
+    def matches(self, name: str) -> bool:
+        return any(
+            re.fullmatch(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p)
+            for p in self.layers
+        )
+
+
+@dataclass(frozen=True)
+class _LayerSettings:
+    quantize: bool
+    method: QuantizerMethod
+    weight_bits: int
+    activation_bits: int
+    backward: BackwardRule
+    delta: float
+    fixed_delta: float | None = None
+
+    def apply(self, override: LayerOverride) -> _LayerSettings:
+        changes: dict[str, Any] = {}
+        if override.weight_bits is not None or override.activation_bits is not None:
+            changes["quantize"] = True  # bits given by name: the first/last layer too
+        for key in ("method", "backward"):  # resolved by quantize_model
+            if getattr(override, key) is not None:
+                changes[key] = getattr(override, key)
+        for key in ("weight_bits", "activation_bits"):
+            if getattr(override, key) is not None:
+                changes[key] = check_bits(getattr(override, key), key)
+        if override.delta is not None:
+            changes["delta"] = changes["fixed_delta"] = override.delta
+        return replace(self, **changes)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """The qualified names of the ``nn.Conv2d``/``nn.Linear`` layers ``quantize_model``
+    converts, in definition order."""
+    return [name for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+def unmatched_overrides(model: nn.Module, overrides: Sequence[LayerOverride]) -> list[int]:
+    """The indices of the overrides that match none of ``quantizable_layers(model)``."""
+    names = quantizable_layers(model)
+    return [i for i, o in enumerate(overrides) if not any(o.matches(n) for n in names)]
+
+
 def quantize_model(
     model: nn.Module,
     method: QuantizerMethod | str,
@@ -311,6 +374,7 @@ def quantize_model(
     delta: float = 0.0,
     quantize_first_last: bool | None = None,
     exclude: Iterable[str] = (),
+    overrides: Sequence[LayerOverride] = (),
     inplace: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Conv2d``/``nn.Linear`` of ``model`` by its quantized version.
@@ -321,6 +385,13 @@ def quantize_model(
     qualified name is in ``exclude`` stay full precision. Downsample 1×1 convs are
     quantized like any other conv. ``method`` and ``backward`` may be registered
     names. The caller's model is copied unless ``inplace``.
+
+    ``overrides`` change the method, bit-widths, backward rule or δ of the layers they
+    match, applied in order (a later one wins). One that gives bits quantizes the first
+    and last layers too (the first layer's input still stays full precision); bits
+    W32A32 make a layer's quantizers the identity. A δ given by an override is fixed: the δ
+    schedule leaves those sites alone (``QuantConv2d.fixed_delta``). An override that
+    matches no layer is a ``ValueError``.
     """
     method = _resolve("method", method)
     backward = _resolve("backward", backward)
@@ -331,26 +402,54 @@ def quantize_model(
     if not inplace:
         model = copy.deepcopy(model)
     excluded = set(exclude)
-    candidates = [
-        name for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)
-    ]
+    candidates = quantizable_layers(model)
     unknown = excluded - set(candidates)
     if unknown:
         raise ValueError(f"exclude names layers the model does not have: {sorted(unknown)}")
     if not candidates:
         raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
+    unmatched = unmatched_overrides(model, overrides)
+    if unmatched:
+        patterns = ", ".join(overrides[unmatched[0]].layers)
+        raise ValueError(
+            f"override {unmatched[0]} ({patterns}) matches no nn.Conv2d/nn.Linear layer; "
+            f"layers: {', '.join(candidates)}"
+        )
+    overrides = [
+        replace(o, method=_resolve("method", o.method), backward=_resolve("backward", o.backward))
+        for o in overrides
+    ]
     first, last = candidates[0], candidates[-1]
+    defaults = _LayerSettings(True, method, weight_bits, activation_bits, backward, float(delta))
     for name in candidates:
-        if name in excluded or (not quantize_first_last and name in (first, last)):
+        if name in excluded:
             continue
+        settings = replace(defaults, quantize=quantize_first_last or name not in (first, last))
+        for override in overrides:
+            if override.matches(name):
+                settings = settings.apply(override)
+        if not settings.quantize:
+            continue
+        input_bits = FULL_PRECISION if name == first else settings.activation_bits
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child_name)
-        input_bits = FULL_PRECISION if name == first else activation_bits
         layer_type = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        setattr(parent, child_name, layer_type(layer, method, weight_bits, input_bits))
-    set_backward(model, backward, delta)
+        quantized = layer_type(layer, settings.method, settings.weight_bits, input_bits)
+        set_backward(quantized, settings.backward, settings.delta)
+        quantized.fixed_delta = settings.fixed_delta
+        setattr(parent, child_name, quantized)
     return model
+
+
+def fixed_delta_sites(model: nn.Module) -> set[str]:
+    """The round sites (by name) whose δ a per-layer override fixed."""
+    return {
+        f"{layer_name}.{site}"
+        for layer_name, layer in quantized_layers(model).items()
+        if layer.fixed_delta is not None
+        for site in round_sites(layer)
+    }
 
 
 def set_backward(model: nn.Module, rule: BackwardRule | str, delta: float | None = None) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import provenance, rundir
 from .mechanism_plots import plot_mechanism_runs
 from .pairing import BASELINE, Analysis, Comparison, Group, analyse
 from .report_plots import write_plots
@@ -269,6 +270,9 @@ def write_report(directory: str | Path) -> Report:
     runs in it (or below it)."""
     directory = Path(directory)
     runs = find_runs(directory)
+    mixed = provenance.mixed_versions_warning(run.path for run in runs)
+    if mixed:
+        print(f"ewgs: warning: {mixed}", file=sys.stderr)
     analysis = analyse(runs, directory)
     plots = write_plots(runs, directory) + plot_mechanism_runs(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
@@ -279,6 +283,7 @@ def write_report(directory: str | Path) -> Report:
         "",
         text,
         "",
+        *([f"**Warning:** {mixed}.", ""] if mixed else []),
         "## Runs",
         "",
         _runs_table(runs, directory),

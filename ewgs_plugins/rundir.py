@@ -14,6 +14,10 @@ A run directory holds (names below are the constants of this module):
   end of training (``ewgs summary`` rewrites it);
 - what ``ewgs export`` writes by default: ``model_int.safetensors`` and its manifest
   ``model_int.json`` (``INT_EXPORT``), ``model.onnx`` (``ONNX_EXPORT``);
+- ``environment.json`` (``ENVIRONMENT``): what produced the run (command line, code
+  version and git commit, library versions, devices, plugins; ``provenance``), written
+  at every start;
+- ``tensorboard/`` (``TENSORBOARD``): the event files of the ``tensorboard`` callback;
 - files of the run's callbacks (PROFIT's ``profit.json``), written through
   ``write_atomic`` like everything else.
 
@@ -77,6 +81,8 @@ SUMMARY = "summary.json"
 LAYER_SUMMARY = "summary.md"
 INT_EXPORT = "model_int.safetensors"
 ONNX_EXPORT = "model.onnx"
+TENSORBOARD = "tensorboard"
+ENVIRONMENT = "environment.json"
 #: the ``format`` entry of a checkpoint
 CHECKPOINT_FORMAT = "ewgs-checkpoint-1"
 #: the header of a run's ``recipe.yaml``
@@ -237,6 +243,11 @@ def checksum(state: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def write_environment(run_dir: Path, environment: Mapping[str, Any]) -> None:
+    """``environment.json`` (see ``provenance``)."""
+    write_atomic(run_dir / ENVIRONMENT, json.dumps(environment, indent=2) + "\n")
+
+
 def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> None:
     """``checkpoint_last.pt`` (the epoch's commit point), and a copy as
     ``checkpoint_best.pt`` if ``best``."""
@@ -283,6 +294,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_deltas(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / DELTAS)
+
+
+def read_environment(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``environment.json``, or None if it has none."""
+    path = run_dir / ENVIRONMENT
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,9 +2,11 @@
 
 import math
 
+import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
 from torch import nn
 
 from ewgs_plugins import (
@@ -16,7 +18,13 @@ from ewgs_plugins import (
     estimate_hessian_deltas,
     registry,
 )
-from ewgs_plugins.delta import _converged, hutchinson_traces
+from ewgs_plugins.delta import (
+    _converged,
+    curvature_ratios,
+    hutchinson_estimates,
+    hutchinson_traces,
+    probe_groups,
+)
 
 
 class TwoSites(nn.Module):
@@ -65,8 +73,8 @@ def loss_fn(model: nn.Module, data) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("blockwise", [True, False])
-def test_hutchinson_delta_matches_the_exact_hessian(blockwise):
+@pytest.mark.parametrize("probe", ["site", "kind", "all"])
+def test_hutchinson_delta_matches_the_exact_hessian(probe):
     model = TwoSites().double()
     x, y = batch()
     with torch.no_grad():
@@ -81,7 +89,7 @@ def test_hutchinson_delta_matches_the_exact_hessian(blockwise):
         loss_fn,
         samples=3000,
         tol=0.0,
-        blockwise=blockwise,
+        probe=probe,
         generator=torch.Generator().manual_seed(2),
     )
     assert set(estimated) == {"first", "second"}
@@ -193,3 +201,220 @@ def test_estimators_from_recipe_options_report_key_paths():
     with pytest.raises(ConfigError, match=r"delta: unknown δ estimator 'magic'; known: fixed"):
         registry().create("delta", "magic", {}, "delta")
     assert math.isclose(registry().create("delta", "fixed", {"value": 1}, "delta").value, 1.0)
+
+
+# ---------------------------------------------------------------- an exact quadratic
+
+
+class _Quantizer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.round_site = RoundSite(ElementWiseGradientScaling(), 0.0)
+
+
+class _Layer(nn.Module):
+    """A layer with one round site, a weight site (``<layer>.weight``) or an
+    activation site (``<layer>.input``), as the quantized layers name theirs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        setattr(self, f"{kind}_quantizer", _Quantizer())
+
+    @property
+    def site(self) -> RoundSite:
+        return getattr(self, f"{self.kind}_quantizer").round_site
+
+
+class Quadratic(nn.Module):
+    """The loss is exactly ``½ xᵀAx + bᵀx`` in the sites' discrete values ``x`` (as a
+    fraction of their range): site s has ``sizes[s]`` values and Hessian block
+    ``A_ss``, so its Tr(H)/N is ``Tr(A_ss) / sizes[s]``. Weight sites round a
+    parameter, activation sites a slice of the batch."""
+
+    STEPS = 7
+
+    def __init__(self, kinds: list[str], sizes: list[int], seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.sizes = sizes
+        self.layers = nn.ModuleList(_Layer(kind) for kind in kinds)
+        self.latents = nn.ParameterList(
+            nn.Parameter(torch.rand(n, generator=generator, dtype=torch.float64) * self.STEPS)
+            for n in sizes
+        )
+        total = sum(sizes)
+        root = torch.randn(total, total, generator=generator, dtype=torch.float64)
+        self.register_buffer("hessian", (root + root.T) / 2)
+        self.register_buffer("linear", torch.randn(total, generator=generator, dtype=torch.float64))
+
+    def values(self, batch: torch.Tensor) -> torch.Tensor:
+        parts, offset = [], 0
+        for layer, latent, n in zip(self.layers, self.latents, self.sizes):
+            z = latent if layer.kind == "weight" else batch[offset : offset + n] * self.STEPS
+            parts.append(layer.site(z, self.STEPS, 0.0, float(self.STEPS)) / self.STEPS)
+            offset += n
+        return torch.cat(parts)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self.values(batch)
+        return 0.5 * x @ self.hessian @ x + self.linear @ x
+
+    def exact_ratios(self, batch: torch.Tensor) -> dict[str, float]:
+        """(Tr(A_ss)/N_s) / (3·std(g_s)) per site, g = Ax + b."""
+        with torch.no_grad():
+            grad = self.hessian @ self.values(batch) + self.linear
+        out, offset = {}, 0
+        for index, (layer, n) in enumerate(zip(self.layers, self.sizes)):
+            block = slice(offset, offset + n)
+            trace = float(self.hessian[block, block].diagonal().sum())
+            out[f"layers.{index}.{layer.kind}"] = trace / n / float(3 * grad[block].std())
+            offset += n
+        return out
+
+
+def quadratic_loss(model: nn.Module, batch) -> torch.Tensor:
+    return model(batch[0])
+
+
+quadratic_cases = st.tuples(
+    st.lists(st.sampled_from(["weight", "input"]), min_size=1, max_size=4),
+    st.integers(2, 6),
+    st.integers(0, 2**16),
+)
+
+
+def _quadratic(case) -> tuple[Quadratic, tuple[torch.Tensor]]:
+    kinds, size, seed = case
+    sizes = [size + i for i in range(len(kinds))]
+    model = Quadratic(kinds, sizes, seed)
+    inputs = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(seed + 1))
+    return model, (inputs.double(),)
+
+
+@settings(max_examples=12)
+@given(case=quadratic_cases, probe=st.sampled_from(["site", "kind", "all", "scaled"]))
+def test_every_estimator_converges_to_the_trace_of_an_exact_quadratic(case, probe):
+    model, batch = _quadratic(case)
+    expected = model.exact_ratios(batch[0])
+    ratios = curvature_ratios(
+        model,
+        [batch],
+        quadratic_loss,
+        probe=probe,
+        samples=1500,
+        tol=0.0,
+        generator=torch.Generator().manual_seed(case[2]),
+    )
+    assert set(ratios) == set(expected)
+    for name, [(ratio, error)] in ratios.items():
+        # Unbiased: within 5 standard errors; converging: the error has shrunk with
+        # the probes (per probe it is at most ~the block row's scale / G).
+        assert abs(ratio - expected[name]) <= 5 * error + 1e-9, name
+        assert error <= 0.1 * (abs(expected[name]) + 1), name
+
+
+@settings(max_examples=8)
+@given(case=quadratic_cases, per_product=st.integers(2, 5))
+def test_batched_probes_have_the_expectation_of_single_probes(case, per_product):
+    model, batch = _quadratic(case)
+    kwargs = {"probe": "all", "samples": 600, "tol": 0.0}
+    single = curvature_ratios(
+        model, [batch], quadratic_loss, generator=torch.Generator().manual_seed(1), **kwargs
+    )
+    batched = curvature_ratios(
+        model,
+        [batch],
+        quadratic_loss,
+        per_product=per_product,
+        generator=torch.Generator().manual_seed(2),
+        **kwargs,
+    )
+    for name in single:
+        [(one, one_error)], [(many, many_error)] = single[name], batched[name]
+        assert abs(one - many) <= 5 * math.hypot(one_error, many_error) + 1e-9, name
+
+
+def test_batched_site_probes_are_exact_on_a_diagonal_hessian():
+    # For a diagonal block every Rademacher probe gives vᵀAv = Tr(A) exactly, so the
+    # batched path must return exactly the trace, with zero spread.
+    point = torch.tensor([0.5, -1.0, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    loss = (weights * point**2).sum()  # H = diag(2 w), trace 9
+    for per_product in (1, 3, 4):
+        estimates, _ = hutchinson_estimates(
+            loss, [point], samples=7, per_product=per_product, tol=0.0
+        )
+        assert estimates[0].count == 7
+        assert estimates[0].mean == pytest.approx(9.0)
+        assert estimates[0].standard_error() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_standard_error_stop_ends_a_site_once_its_mean_is_that_precise():
+    point = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    exact = (torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64) * point**2).sum()
+    [estimate], _ = hutchinson_estimates(exact, [point], samples=50, stop="sem", tol=0.1)
+    assert estimate.count == 2  # no spread: the first moment it can be measured
+    noisy_point = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    noisy = noisy_point[0] * noisy_point[1] * 4 + noisy_point[2] ** 2  # trace 2, H_01 = 4
+    [estimate], _ = hutchinson_estimates(
+        noisy, [noisy_point], samples=400, stop="sem", tol=0.5, generator=torch.Generator()
+    )
+    assert 2 < estimate.count < 400  # a probe's spread is 8: about 64 probes
+    assert estimate.standard_error() <= 0.5 * abs(estimate.mean)
+
+
+def test_probe_groups_split_weight_sites_from_activation_sites():
+    names = ["a.input", "a.weight", "b.input", "b.weight", "c.weight"]
+    assert probe_groups("site", names) == [[0], [1], [2], [3], [4]]
+    assert probe_groups("kind", names) == [[1, 3, 4], [0, 2]]
+    assert probe_groups("all", names) == probe_groups("scaled", names) == [[0, 1, 2, 3, 4]]
+    assert probe_groups("kind", ["a.input"]) == [[0]]
+
+
+def test_a_sub_batch_estimate_is_the_estimate_on_the_first_samples():
+    model = TwoSites().double()
+    x, y = batch()
+    kwargs = {"probe": "kind", "samples": 3, "tol": 0.0}
+    on_sub = estimate_hessian_deltas(
+        model, [(x, y)], loss_fn, sub_batch=4, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    on_first = estimate_hessian_deltas(
+        model, [(x[:4], y[:4])], loss_fn, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    assert on_sub == on_first
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"probe": "site", "samples": 3},
+        {"probe": "kind", "samples": 4, "per_product": 2, "sub_batch": 4},
+        {"probe": "scaled", "samples": 5, "stop": "sem", "tol": 0.3},
+    ],
+)
+def test_every_estimator_setting_leaves_no_side_effects(options):
+    model = TwoSites()
+    x, y = batch()
+    data = (x.float(), y)
+    loss_fn(model, data).backward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    deltas = HessianDelta(**options).estimate(model, [data, data], loss_fn)
+    assert set(deltas) == {"first", "second"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.grad, grads[name]), name
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_new_estimator_options_are_checked():
+    for bad in ({"per_product": 0}, {"sub_batch": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            HessianDelta(**bad)
+    with pytest.raises(ConfigError, match=r"delta\.options\.probe: expected one of"):
+        registry().create("delta", "hessian", {"probe": "layer"}, "delta")
+    with pytest.raises(ConfigError, match=r"delta\.options\.stop: expected one of"):
+        registry().create("delta", "hessian", {"stop": "never"}, "delta")

@@ -416,7 +416,7 @@ def test_a_full_disk_while_training_is_one_line_and_leaves_no_temporary_file(
     line = one_error_line(capsys.readouterr().err)
     assert f"{output / rundir.CHECKPOINT_LAST}: cannot write it: No space left" in line
     assert "it was not written" in line
-    assert {p.name for p in output.iterdir()} == {rundir.RECIPE, rundir.DELTAS}
+    assert {p.name for p in output.iterdir()} == {rundir.RECIPE, rundir.ENVIRONMENT, rundir.DELTAS}
 
 
 def test_hostile_files_are_one_line(tmp_path, capsys, reference):

@@ -20,7 +20,16 @@ from ewgs_plugins.results import find_runs
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 #: runs per recipe: methods × backward rules (× bit-widths, × seeds)
-RUNS = {"digits": 24, "resnet20_fp": 1, "resnet18": 32, "resnet34": 32, "digits_profit": 6}
+RUNS = {
+    "digits": 24,
+    "resnet20_fp": 1,
+    "resnet18": 32,
+    "resnet34": 32,
+    "digits_profit": 6,
+    "resnet20_w1a1_short": 12,
+}
+#: recipes of the paper's two CIFAR-10 rows only (its interval quantizer and DoReFa)
+PAPER_ROWS = {"resnet20_w1a1_short"}
 #: recipes of PROFIT's training strategy: PROFIT alone, under STE and EWGS
 PROFIT_RECIPES = {"mobilenet_v2_w4a4_profit": 2, "resnet20_w4a4_profit": 2, "digits_profit": 6}
 #: the studies of issue 16: one method, four arms (matrix.arms) × three seeds
@@ -72,6 +81,8 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
     if path.stem in PROFIT_RECIPES:
         assert {r.recipe.method.name for r in runs} == {"profit"}
         assert all("profit" in r.recipe.callbacks for r in runs)
+    elif path.stem in PAPER_ROWS:
+        assert {r.recipe.method.name for r in runs} == {"interval", "dorefa"}
     elif path.stem not in ("resnet20_fp", *STUDY_RECIPES):
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa", "lsq", "profit"}
     if path.stem != "resnet20_fp":
@@ -91,6 +102,18 @@ def test_the_paper_settings_are_in_the_recipes():
     assert weights["weight_decay"] == 1e-4 and weights["nesterov"] is False
     assert imagenet["delta"]["batch_size"] == 16
     assert imagenet["delta"]["options"] == {"every": 1, "unit": "epoch", "batches": 10}
+
+
+def test_the_short_w1a1_recipe_keeps_the_papers_settings_but_the_schedule():
+    paper = read_yaml(ROOT / "recipes" / "cifar10" / "resnet20_w1a1.yaml")
+    short = read_yaml(ROOT / "recipes" / "cifar10" / "resnet20_w1a1_short.yaml")
+    for key in ("optimizers", "schedule", "bits", "method"):
+        assert short[key] == paper[key], key
+    assert short["data"]["batch_size"] == paper["data"]["batch_size"] == 256
+    assert short["model"]["name"] == "resnet20" and short["model"]["weights"]
+    assert short["delta"]["name"] == "hessian" and short["delta"]["options"]["batches"] == 3
+    assert short["epochs"] < 10 and len(short["matrix"]["seed"]) >= 3
+    assert set(short["matrix"]["backward"]) == {"ste", "ewgs"}
 
 
 @pytest.mark.parametrize("name", ["resnet20_w1a1_study", "resnet20_w1a1_dorefa_study"])

@@ -27,6 +27,7 @@ from ewgs_plugins import (
 #: what a finished run's directory holds (written by the trainer and the δ schedule)
 RUN_FILES = {
     rundir.RECIPE,
+    rundir.ENVIRONMENT,
     rundir.METRICS_JSONL,
     rundir.METRICS_CSV,
     rundir.DELTAS,

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import call_with_options, check_type, describe_type
-from ..quant import FULL_PRECISION, VALID_BITS
+from ..quant import FULL_PRECISION, VALID_BITS, LayerOverride
 from ..registry import KINDS, registry
 
 
@@ -137,6 +137,38 @@ class BitsConfig(Section):
     @property
     def label(self) -> str:
         return f"W{self.weights}A{self.activations}"
+
+
+@dataclass(kw_only=True)
+class LayerOverrideConfig(Section):
+    """Per-layer settings for the layers whose qualified names (``layer1.0.conv1``,
+    ``fc``) match ``layers``: glob patterns, or regular expressions written
+    ``re:<regex>``, matched against the whole name. Keys left out keep the recipe's."""
+
+    layers: str | list[str]
+    bits: BitsConfig | None = None
+    method: PluginConfig | None = None
+    backward: str | None = None
+    #: a fixed δ for these layers' round sites (the δ estimator leaves them alone)
+    delta: float | None = None
+
+    @property
+    def patterns(self) -> list[str]:
+        return [self.layers] if isinstance(self.layers, str) else list(self.layers)
+
+    def check(self, key_path: str) -> None:
+        if not self.patterns:
+            raise ConfigError(_join(key_path, "layers"), "expected at least one pattern")
+        for pattern in self.patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ConfigError(
+                        _join(key_path, "layers"), f"bad regular expression {pattern!r}: {error}"
+                    ) from None
+        if self.delta is not None:
+            _positive(self.delta, _join(key_path, "delta"), allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -258,6 +290,9 @@ class Recipe(Section):
     #: channels_last memory format for the model and its 4-D inputs (speed only)
     channels_last: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    #: per-layer overrides, applied in order (a later one wins): a list of {layers:
+    #: <glob or re:regex on module names>, bits, method, backward, delta}
+    overrides: list[LayerOverrideConfig] = field(default_factory=list)
 
     def check(self, key_path: str) -> None:
         _positive(self.epochs, "epochs")
@@ -296,6 +331,32 @@ class Recipe(Section):
 
     def make_delta(self) -> Any:
         return _create("delta", self.delta.name, self.delta.options, "delta")
+
+    def layer_overrides(self) -> list[LayerOverride]:
+        """``overrides`` with their methods and backward rules built (errors name the
+        override's index and key: ``overrides[1].method.name``)."""
+        made = []
+        for index, override in enumerate(self.overrides):
+            where = f"overrides[{index}]"
+            method, backward, bits = None, None, override.bits
+            if override.method is not None:
+                plugin = override.method
+                method = _create("method", plugin.name, plugin.options, f"{where}.method")
+            if override.backward is not None:
+                backward = registry().create(
+                    "backward", override.backward, None, f"{where}.backward"
+                )
+            made.append(
+                LayerOverride(
+                    tuple(override.patterns),
+                    method=method,
+                    weight_bits=bits.weights if bits else None,
+                    activation_bits=bits.activations if bits else None,
+                    backward=backward,
+                    delta=override.delta,
+                )
+            )
+        return made
 
     def make_dataset(self) -> Any:
         """The dataset plugin's ``data.DatasetSpec`` (cheap: no data is read)."""
@@ -391,13 +452,30 @@ def parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
             if required:
                 raise ConfigError(path, f"missing; expected {_describe(hint)}")
             continue
-        if isinstance(hint, type) and issubclass(hint, Section):
-            values[name] = parse_section(hint, data[name], path)
-        else:
-            values[name] = check_type(data[name], hint, path)
+        values[name] = _parse_value(hint, data[name], path)
     section = cls(**values)
     section.check(key_path)
     return section
+
+
+def _section_of(hint: Any) -> type[Section] | None:
+    return hint if isinstance(hint, type) and issubclass(hint, Section) else None
+
+
+def _parse_value(hint: Any, value: Any, path: str) -> Any:
+    """``value`` checked against ``hint``: a section, an optional section (``X | None``),
+    a list of sections (each at ``path[i]``), or a plain annotated value."""
+    if _section_of(hint):
+        return parse_section(hint, value, path)
+    args = typing.get_args(hint)
+    optional = [a for a in args if a is not type(None)]
+    if type(None) in args and len(optional) == 1 and _section_of(optional[0]):
+        return None if value is None else parse_section(optional[0], value, path)
+    if typing.get_origin(hint) is list and args and _section_of(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list of {_describe(args[0])}, got {value!r}")
+        return [parse_section(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return check_type(value, hint, path)
 
 
 def _describe(hint: Any) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .schema import Recipe
+from ..quant import QuantizerMethod, quantizable_layers, unmatched_overrides
+from .schema import BitsConfig, Recipe
 
 
 def validate(recipe: Recipe) -> None:
@@ -15,12 +16,12 @@ def validate(recipe: Recipe) -> None:
     the bit-widths suit the method, the files exist, the device is there. Nothing
     heavy is built (the model is built on the ``meta`` device)."""
     method = recipe.make_method()
-    for name, bits in (("weights", recipe.bits.weights), ("activations", recipe.bits.activations)):
-        maker = method.weight_quantizer if name == "weights" else method.activation_quantizer
-        try:
-            maker(bits)
-        except ValueError as error:
-            raise ConfigError(f"bits.{name}", f"method {recipe.method.name!r}: {error}") from None
+    _check_bits(method, recipe.method.name, recipe.bits, "bits")
+    overrides = recipe.layer_overrides()
+    for index, (config, override) in enumerate(zip(recipe.overrides, overrides)):
+        if config.bits is not None:
+            name = (config.method or recipe.method).name
+            _check_bits(override.method or method, name, config.bits, f"overrides[{index}].bits")
     recipe.make_backward()
     recipe.make_delta()
     for name, options in recipe.callback_options(method).items():
@@ -30,7 +31,14 @@ def validate(recipe: Recipe) -> None:
     spec = recipe.make_dataset()
     spec.check(recipe.data.root)
     with torch.device("meta"):
-        recipe.make_model(spec.num_classes(recipe.data.root))
+        model = recipe.make_model(spec.num_classes(recipe.data.root))
+    unmatched = unmatched_overrides(model, overrides)
+    if unmatched:
+        raise ConfigError(
+            f"overrides[{unmatched[0]}].layers",
+            f"{', '.join(overrides[unmatched[0]].layers)} matches no conv/linear layer of "
+            f"model {recipe.model.name!r}; its layers: {', '.join(quantizable_layers(model))}",
+        )
     if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
         raise ConfigError(
             "model.weights",
@@ -38,3 +46,14 @@ def validate(recipe: Recipe) -> None:
             "full-precision weights, a state_dict saved with torch.save)",
         )
     recipe.resolve_device()
+
+
+def _check_bits(method: QuantizerMethod, name: str, bits: BitsConfig, key_path: str) -> None:
+    """The method registered as ``name`` makes quantizers at these bit-widths (a
+    ConfigError at ``key_path.weights``/``.activations`` otherwise)."""
+    for kind, value in (("weights", bits.weights), ("activations", bits.activations)):
+        maker = method.weight_quantizer if kind == "weights" else method.activation_quantizer
+        try:
+            maker(value)
+        except ValueError as error:
+            raise ConfigError(f"{key_path}.{kind}", f"method {name!r}: {error}") from None

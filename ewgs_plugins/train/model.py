@@ -21,7 +21,8 @@ def quantized_model(
     delta: float = 0.0,
 ) -> nn.Module:
     """The recipe's model, quantized by ``method`` with ``backward`` and ``delta`` at
-    every round site, its weights as built (a run's checkpoint or export loads into it)."""
+    every round site (but where the recipe's per-layer ``overrides`` say otherwise), its
+    weights as built (a run's checkpoint or export loads into it)."""
     return quantize_model(
         recipe.make_model(num_classes),
         method,
@@ -30,6 +31,7 @@ def quantized_model(
         backward=backward,
         delta=delta,
         quantize_first_last=recipe.quantize_first_last,
+        overrides=recipe.layer_overrides(),
         inplace=True,
     )
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import distributed, rundir
+from .. import distributed, provenance, rundir
 from ..callbacks import DeltaSchedule, lifecycle_manager
 from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
@@ -329,6 +329,8 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         if self.start_epoch == 0:
             rundir.write_recipe(self.run_dir, self.recipe.to_dict())
+        if distributed.is_main():
+            provenance.record(self.run_dir, self.device, resumed=self.start_epoch > 0)
         self.epoch = self.start_epoch
         self.hooks.ewgs_train_start(trainer=self)
         for epoch in range(self.start_epoch, self.recipe.epochs):
@@ -359,16 +361,20 @@ class Trainer:
             if is_best:
                 self.best = self.metrics
             if distributed.is_main():
+                if self.finished:  # before the checkpoint that commits the last epoch
+                    self._write_layer_summary()
                 rundir.save_checkpoint(self.run_dir, trainer_state(self), best=is_best)
                 rundir.write_metrics(self.run_dir, self.history)
                 self._print_epoch()
         if self.finished:
             self.hooks.ewgs_train_end(trainer=self)
-            # what was trained, layer by layer (its bits, δ, integer maps, sizes)
-            summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
-            rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
         distributed.barrier()  # every file of the run is written when any process returns
         return self.history[-1] if self.history else {}
+
+    def _write_layer_summary(self) -> None:
+        """What was trained, layer by layer (bits, δ, integer maps, sizes)."""
+        summary = summary_markdown(self.model, f"{self.run_dir.name}: trained model")
+        rundir.write_atomic(self.run_dir / rundir.LAYER_SUMMARY, summary)
 
     @property
     def finished(self) -> bool:
