@@ -47,6 +47,7 @@ from .quant import (
 )
 from .recipe.schema import Recipe, parse_section
 from .registry import registry
+from .round_site import affine_latent
 from .train.model import quantized_model
 
 INT_FORMAT = "ewgs-int-1"
@@ -383,8 +384,10 @@ class _TracedRound(nn.Module):
     levels: Tensor
 
     def forward(
-        self, latent: Tensor, steps: int, low: float | None = None, high: float | None = None
+        self, x: Tensor, steps: int, low: float | None = None, high: float | None = None, **affine
     ) -> Tensor:
+        # the site's affine form, z = x · scale + shift (Mul, Add)
+        latent = affine_latent(x, affine.get("scale"), affine.get("shift"))
         self.levels = torch.round(latent if low is None else torch.clamp(latent, low, high))
         return self.levels
 

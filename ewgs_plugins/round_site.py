@@ -2,14 +2,18 @@
 
 A method computes its latent in *level units* (the levels are the integers and its
 range spans ``steps`` of them) and calls ``self.round_site(z, steps)``, optionally
-with the clip bounds of its range (``low``/``high``, in level units). The forward
-is exactly ``torch.round(torch.clamp(z, low, high))``; the backward hands the
-incoming gradient to the attached backward rule, then applies the clip's gradient
-(zero outside ``[low, high]``, bounds included as inside).
+with the clip bounds of its range (``low``/``high``, in level units), or hands over
+the latent's affine form ``z = x · scale + shift`` (``round_site(x, steps, low,
+high, scale=s, shift=b)``). The forward is exactly ``torch.round(torch.clamp(z, low,
+high))``; the backward hands the incoming gradient to the attached backward rule,
+then applies the clip's gradient (zero outside ``[low, high]``, bounds included as
+inside) and the affine's (to ``x``, ``scale`` and ``shift``).
 
-The clip is fused into the site so that EWGS and STE save the same single tensor
-(the unclipped latent, which a separate ``torch.clamp`` would save anyway): EWGS
-recomputes its discretization error from it and costs no activation memory over STE.
+The clip and the affine are fused into the site so that EWGS and STE save the same
+tensor, ``x`` (which the op before the quantizer keeps anyway: a ReLU its output,
+tanh its output, a weight itself); both recompute the latent from it, EWGS its
+discretization error too, so EWGS costs no activation memory over STE. For the
+built-in rules, forward and backward each run as one fused kernel (``fused``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .backward import BackwardRule, RoundContext, StraightThrough
+from . import fused
+from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, StraightThrough
 
 #: ``observer(latent, rounded, steps, low, high)``: see ``RoundSite.observer``
 RoundObserver = Callable[[Tensor, Tensor, int, float | None, float | None], None]
@@ -51,13 +56,42 @@ def _inside_bounds_gradient(grad: Tensor, latent: Tensor, low: float, high: floa
     return torch.ops.aten.hardtanh_backward(grad, latent, below, above)
 
 
+def affine_latent(x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None) -> Tensor:
+    """``x · scale + shift`` (either may be absent), the plain form of the site's affine."""
+    latent = x if scale is None else x * scale
+    return latent if shift is None else latent + shift
+
+
+def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str | None:
+    """The fused backward for ``rule`` (exactly a built-in rule, δ known as a number):
+    "ste" (EWGS at δ = 0 too, so it stays STE bit for bit), "ewgs", or None."""
+    if type(rule) is StraightThrough:
+        return "ste"
+    if type(rule) is ElementWiseGradientScaling and delta_value is not None:
+        return "ste" if delta_value == 0.0 else "ewgs"
+    return None
+
+
+def _fused_affine(
+    x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The kernels' ``scale`` and ``shift``: 0-d tensors; an absent scale is 1 and an
+    absent shift -0.0, which leave every x as it is (x + (-0.0) = x, -0.0 included)."""
+    return (
+        fused.constant(1.0 if scale is None else scale, x),
+        fused.constant(-0.0 if shift is None else shift, x),
+    )
+
+
 class _RoundFunction(torch.autograd.Function):
-    # Not once_differentiable: the backward is made of differentiable ops so that
-    # second derivatives (the Hessian δ estimate) flow through it.
+    # Not once_differentiable: the general backward is made of differentiable ops so
+    # that second derivatives (the Hessian δ estimate) flow through it.
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        latent: Tensor,
+        x: Tensor,
+        scale: float | Tensor | None,
+        shift: float | Tensor | None,
         delta: Tensor,
         steps: int,
         low: float | None,
@@ -65,12 +99,23 @@ class _RoundFunction(torch.autograd.Function):
         rule: BackwardRule,
         delta_value: float | None,
     ) -> Tensor:
-        if rule.needs_latent or low is not None:
-            ctx.save_for_backward(latent, delta)
-        else:
-            ctx.save_for_backward(delta)
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        shift_tensor = shift if isinstance(shift, Tensor) else None
+        # The latent is never saved: the backward recomputes it from x, which the op
+        # before the quantizer (a ReLU, tanh, the weight itself) keeps anyway.
+        keep_x = rule.needs_latent or low is not None or scale_tensor is not None
+        ctx.save_for_backward(x if keep_x else None, scale_tensor, shift_tensor, delta)
+        ctx.scale = None if scale_tensor is not None else scale
+        ctx.shift = None if shift_tensor is not None else shift
         ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
         ctx.delta_value = delta_value
+        if fused.applies(x, scale, shift):
+            args = (x.view(-1), *_fused_affine(x, scale, shift))
+            if low is None:
+                return fused.run("forward_free", *args).view_as(x)
+            bounds = fused.constant(low, x), fused.constant(high, x)
+            return fused.run("forward_clipped", *args, *bounds).view_as(x)
+        latent = affine_latent(x, scale, shift)
         if low is None:
             return torch.round(latent)
         # round(clamp(z)); rounding the fresh clamped tensor in place saves a buffer.
@@ -78,13 +123,48 @@ class _RoundFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        latent, delta = (saved[0], saved[1]) if len(saved) == 2 else (None, saved[0])
+        x, scale_tensor, shift_tensor, delta = ctx.saved_tensors
+        scale = scale_tensor if scale_tensor is not None else ctx.scale
+        shift = shift_tensor if shift_tensor is not None else ctx.shift
+        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
+        kind = _fused_backward_kind(ctx.rule, ctx.delta_value)
+        if (
+            kind is not None
+            and x is not None
+            and not torch.is_grad_enabled()  # create_graph: the differentiable path
+            and grad.dtype == x.dtype
+            and fused.applies(x, scale, shift)
+        ):
+            flat_grad = grad.contiguous().view(-1)  # (an expanded gradient, of a sum, say)
+            args: tuple = (flat_grad, x.view(-1), *_fused_affine(x, scale, shift))
+            if kind == "ewgs":
+                args += (fused.constant(-ctx.delta_value / ctx.steps, x),)  # EWGS: -δ/steps
+            if ctx.low is not None:
+                args += tuple(
+                    fused.constant(b, x) for b in _open_bounds(ctx.low, ctx.high, x.dtype)
+                )
+            suffix = "_free" if ctx.low is None else "_clipped"
+            grad_x, grad_scale, grad_shift = fused.run(kind + suffix, *args)
+            return (
+                grad_x.view_as(x) if needs_x else None,
+                grad_scale if needs_scale else None,
+                grad_shift if needs_shift else None,
+            ) + (None,) * 6
+        clipped = ctx.low is not None
+        latent = affine_latent(x, scale, shift) if ctx.rule.needs_latent or clipped else None
         context = RoundContext(latent, ctx.steps, delta, ctx.delta_value)
         grad_latent = ctx.rule.latent_gradient(grad, context)
-        if ctx.low is not None:
+        if clipped:
             grad_latent = _inside_bounds_gradient(grad_latent, latent, ctx.low, ctx.high)
-        return grad_latent, None, None, None, None, None, None
+        grad_x = grad_scale = grad_shift = None
+        if needs_x:
+            grad_x = grad_latent if scale is None else grad_latent * scale
+            grad_x = grad_x.sum_to_size(x.shape) if x is not None else grad_x
+        if needs_scale:
+            grad_scale = (grad_latent * x).sum_to_size(scale_tensor.shape)
+        if needs_shift:
+            grad_shift = grad_latent.sum_to_size(shift_tensor.shape)
+        return (grad_x, grad_scale, grad_shift) + (None,) * 6
 
 
 class RoundSite(nn.Module):
@@ -126,26 +206,39 @@ class RoundSite(nn.Module):
         self.rule = rule
 
     def forward(
-        self, latent: Tensor, steps: int, low: float | None = None, high: float | None = None
+        self,
+        x: Tensor,
+        steps: int,
+        low: float | None = None,
+        high: float | None = None,
+        *,
+        scale: float | Tensor | None = None,
+        shift: float | Tensor | None = None,
     ) -> Tensor:
+        """``round(clamp(x · scale + shift, low, high))``: the latent is ``x`` itself
+        without ``scale``/``shift``. A method that hands over the affine part rather than
+        the latent lets the site fuse it and keep only ``x``, which the op before the
+        quantizer keeps anyway (the latent is recomputed in the backward)."""
         if (low is None) != (high is None):
             raise ValueError("give both clip bounds (low and high) or neither")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if latent.dtype in (torch.float16, torch.bfloat16):
-            latent = latent.float()  # the round site computes in float32 under AMP
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # the round site computes in float32 under AMP
         self.last_steps = steps
         # Compiled, δ reaches the backward as the tensor only (see RoundContext).
         delta_value = None if torch.compiler.is_compiling() else self._delta_value
-        rounded = _RoundFunction.apply(latent, self.delta, steps, low, high, self.rule, delta_value)
+        rounded = _RoundFunction.apply(
+            x, scale, shift, self.delta, steps, low, high, self.rule, delta_value
+        )
         if self.capture is not None:
             if not rounded.requires_grad:
                 # Nothing upstream needs a gradient (a constant input): make the
                 # discrete values a leaf so the Hessian can still be taken against them.
                 rounded = rounded.detach().requires_grad_()
             self.capture.append((rounded, steps))
-        if self.observer is not None:
-            self.observer(latent, rounded, steps, low, high)
+        if self.observer is not None:  # the latent it reads, computed for it alone
+            self.observer(affine_latent(x, scale, shift).detach(), rounded, steps, low, high)
         return rounded
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]

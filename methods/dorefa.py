@@ -39,8 +39,11 @@ class DorefaWeightQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         steps = 2**self.bits - 1
         t = torch.tanh(x)
-        w_n = t / (2.0 * t.abs().max().clamp_min(MIN_MAX)) + 0.5  # in [0, 1] by construction
-        return 2.0 * (self.round_site(w_n * steps, steps) / steps) - 1.0
+        # w_n · steps = t · steps / (2 max|t|) + steps / 2, in [0, steps] by construction;
+        # the site gets its affine form and keeps t, which tanh keeps for its own gradient.
+        scale = steps / (2.0 * t.abs().max().clamp_min(MIN_MAX))
+        levels = self.round_site(t, steps, scale=scale, shift=steps / 2.0)
+        return 2.0 * (levels / steps) - 1.0
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``, values ``2 (k / steps) − 1``: scale ``2 / steps``,
@@ -58,7 +61,7 @@ class DorefaActivationQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         steps = 2**self.bits - 1
-        return self.round_site(x * steps, steps, 0.0, float(steps)) / steps
+        return self.round_site(x, steps, 0.0, float(steps), scale=float(steps)) / steps
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``, values ``k / steps``."""

@@ -70,11 +70,12 @@ class IntervalQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         steps = self.steps
         # Eq. 1 in level units, (x - l) / (u - l) · steps, as x·s - l·s with the scalar
-        # s = steps / (u - l): two passes over x, and autograd saves x itself (which the
-        # layer before keeps anyway) rather than a new x - l.
+        # s = steps / (u - l), handed to the site as its affine part: one fused pass over
+        # x, and only x (which the layer before keeps anyway) is saved.
         scale = steps / (self.upper - self.lower)
-        latent = x * scale - self.lower * scale
-        levels = self.round_site(latent, steps, 0.0, float(steps))
+        levels = self.round_site(
+            x, steps, 0.0, float(steps), scale=scale, shift=-self.lower * scale
+        )
         x_q = levels / steps
         return 2.0 * x_q - 1.0 if self.signed_output else x_q
 

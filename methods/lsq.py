@@ -85,13 +85,12 @@ class LsqQuantizer(SignFromFirstBatch):
         step = self.step
         if self.grad_scale:
             step = scale_gradient(step, 1.0 / math.sqrt(self.gradient_count(x) * q_p))
-        # v / s as v · (1/s): a multiply's backward is one pass per input, a divide's
-        # (for s) three.
-        latent = x * step.reciprocal()
+        # v / s as v · (1/s), the site's affine part (fused with its clip and round).
+        inverse = step.reciprocal()
         if not self.binary:
-            return self.round_site(latent, q_n + q_p, float(-q_n), float(q_p)) * step
+            return self.round_site(x, q_n + q_p, float(-q_n), float(q_p), scale=inverse) * step
         # The binary grid sits half a step off zero.
-        return (self.round_site(latent + 0.5, 1, 0.0, 1.0) - 0.5) * step
+        return (self.round_site(x, 1, 0.0, 1.0, scale=inverse, shift=0.5) - 0.5) * step
 
     def integer_map(self) -> IntegerMap:
         """Codes ``v̄ ∈ [−Q_N, Q_P]``, values ``v̄ · s``; the binary grid: codes {0, 1},

@@ -57,8 +57,14 @@ def test_quantizers_round_in_float32_under_autocast(method, amp):
             x = (x.relu() * 3).to(HALF[amp])  # the low-precision output of a layer above
         quantizer.initialize(x.float())
         site = quantizer.round_site
-        latents: list[torch.dtype] = []
-        site.register_forward_pre_hook(lambda _, args, seen=latents: seen.append(args[0].dtype))
+        latents: list[torch.Tensor] = []
+
+        def record(_, args, kwargs, seen=latents):  # the latent the site computes from x
+            x_in, scale, shift = args[0], kwargs.get("scale"), kwargs.get("shift")
+            latent = x_in if scale is None else x_in * scale
+            seen.append(latent if shift is None else latent + shift)
+
+        site.register_forward_pre_hook(record, with_kwargs=True)
         with torch.no_grad():
             expected = quantizer(x.float()).to(x.dtype)  # float32, no autocast, cast once
             site.capture = []
@@ -66,14 +72,14 @@ def test_quantizers_round_in_float32_under_autocast(method, amp):
                 out = quantizer(x)
         ((levels, _),) = site.capture
         site.capture = None
-        assert latents == [torch.float32, torch.float32]
+        assert [latent.dtype for latent in latents] == [torch.float32, torch.float32]
         assert out.dtype == x.dtype and torch.equal(out, expected)
         assert levels.dtype == torch.float32 and torch.equal(levels, levels.round())
         if kind == "activation" and amp == "bf16":
             # what the float32 path prevents: a bf16 latent (8 significant bits) loses
             # levels of an 8-bit quantizer
-            with torch.no_grad():
-                assert not torch.equal(quantizer.quantize(x).to(x.dtype), expected)
+            latent = latents[-1]
+            assert not torch.equal(latent.to(HALF[amp]).float().round(), latent.round())
 
 
 def converted(method: str, rule: str, bits: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 The round site masks the clip's gradient with one fused op (``hardtanh_backward`` with
 the bounds' float neighbours), EWGS is ``g + δ|g|e`` in one ``addcmul`` and skips its
-work at δ = 0 (δ mirrored as a Python number), and the methods fold their scalars
-before they meet the tensor. These laws compare each against the plain formula.
+work at δ = 0 (δ mirrored as a Python number), and the methods hand the site their
+latent's affine form ``x · scale + shift`` (folded scalars) instead of the latent.
+These laws compare each against the plain formula (the fused kernels against the
+general path: ``test_fused_kernels.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 
 from ewgs_plugins import ElementWiseGradientScaling, QuantConv2d, RoundSite, StraightThrough
 from ewgs_plugins.registry import registry
-from methods.dorefa import DorefaActivationQuantizer
+from methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
 from methods.interval import IntervalQuantizer
 from methods.lsq import LsqQuantizer
 from methods.profit import ProfitQuantizer, inverse_softplus
@@ -207,3 +209,57 @@ def test_under_torch_compile_a_new_delta_needs_no_recompile_and_is_used():
         loss(want).backward()
         assert torch.allclose(got.grad, want.grad, rtol=1e-6, atol=1e-7), delta
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_dorefa_weight_body_computes_its_plain_formula(bits, seed):
+    # The body hands the site t · steps / (2 max|t|) + steps / 2; the plain formula is
+    # 2 q(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1 with q's round straight through.
+    quantizer = DorefaWeightQuantizer(bits).double()
+    generator = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(64, generator=generator, dtype=torch.float64)
+    g = torch.randn(64, generator=generator, dtype=torch.float64)
+    steps = 2**bits - 1
+
+    def plain(w: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(w)
+        z = (t / (2.0 * t.abs().max()) + 0.5) * steps
+        return 2.0 * ((z + (torch.round(z) - z).detach()) / steps) - 1.0
+
+    results = []
+    for form in (quantizer, plain):
+        w = w0.clone().requires_grad_()
+        out = form(w)
+        (grad,) = torch.autograd.grad(out, w, g)
+        results.append((out.detach(), grad))
+    (out, grad), (expected, expected_grad) = results
+    # random float64 weights sit ~1e-16 from a rounding tie with probability ~1e-14
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_dorefa_weights_under_ewgs_save_what_ste_saves():
+    """The site keeps tanh(w), which tanh keeps for its own gradient: EWGS's latent
+    costs no memory (before, it kept the weight-sized latent STE did not need)."""
+
+    def saved_storages(rule) -> set[int]:
+        quantizer = DorefaWeightQuantizer(4)
+        quantizer.round_site.set_rule(rule)
+        quantizer.round_site.set_delta(0.01)
+        w = torch.randn(16, 8, 3, 3, requires_grad=True)
+        storages: set[int] = set()
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.numel() > 1 and tensor.untyped_storage().data_ptr() != w.data_ptr():
+                storages.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = quantizer(w)
+        out.sum().backward()
+        return {len(storages)}
+
+    assert saved_storages(ElementWiseGradientScaling()) == saved_storages(StraightThrough())
+    # tanh(w) (kept by tanh and by the site) and |tanh(w)| (kept by max)
+    assert saved_storages(StraightThrough()) == {2}

@@ -386,8 +386,10 @@ def recording_identity_site(calls: list[tuple]):
     bounds) and does NOT round (it only clips): if a method rounded anywhere else, its
     output would still be discrete."""
 
-    def forward(site, latent, steps, low=None, high=None):
+    def forward(site, x, steps, low=None, high=None, *, scale=None, shift=None):
         calls.append((id(site), steps, low, high))
+        latent = x if scale is None else x * scale
+        latent = latent if shift is None else latent + shift
         return latent if low is None else torch.clamp(latent, low, high)
 
     return forward

@@ -73,18 +73,18 @@ class ProfitQuantizer(SignFromFirstBatch):
         self.c.fill_(inverse_softplus(value))
 
     def quantize(self, x: Tensor) -> Tensor:
-        # The scalars (1/a, 1/n, c) are folded before they meet x: one multiply over x
-        # on each side of the round site, e.g. round(x · (n / a)) · (c / n).
+        # The scalars (1/a, 1/n, c) are folded before they meet x: the site's affine
+        # part on one side, one multiply on the other, e.g. round(x · (n / a)) · (c / n).
         a, c = F.softplus(self.a), F.softplus(self.c)
         if not self.is_signed:  # hardtanh(x/a, 0, 1) on 2^b levels
             steps = 2**self.bits - 1
-            levels = self.round_site(x * (steps / a), steps, 0.0, float(steps))
+            levels = self.round_site(x, steps, 0.0, float(steps), scale=steps / a)
             return levels * (c / steps)
         if self.bits == 1:  # binary: (hardtanh(x/a) + 1)/2 rounded to {0, 1}, then ±1
-            levels = self.round_site(x * (0.5 / a) + 0.5, 1, 0.0, 1.0)
+            levels = self.round_site(x, 1, 0.0, 1.0, scale=0.5 / a, shift=0.5)
             return levels * (2.0 * c) - c
         n = 2 ** (self.bits - 1) - 1  # hardtanh(x/a) on ±n levels, n = 2^(b-1) - 1
-        levels = self.round_site(x * (n / a), 2 * n, float(-n), float(n))
+        levels = self.round_site(x, 2 * n, float(-n), float(n), scale=n / a)
         return levels * (c / n)
 
     @torch.no_grad()

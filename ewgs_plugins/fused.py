@@ -1,0 +1,176 @@
+"""Fused kernels of the round site, for the built-in backward rules.
+
+In eager mode every torch op is one pass over memory. The round site's plain forms
+take several: forward ``x·scale + shift``, clip, round (four passes); backward the
+latent recomputed, the rule (EWGS: ``round``, ``|g|``, one ``addcmul``), the clip's
+gradient and the gradients of ``x``, ``scale`` and ``shift`` (up to ten). Here each
+is one kernel: the formulas below, compiled once per kind, dtype and device by
+``torch.compile`` (inductor: C++ on a CPU, Triton on CUDA) with dynamic shapes, and
+called on flat contiguous tensors. Every value stays in registers, so EWGS's
+backward reads and writes exactly what STE's does: the same memory traffic.
+
+The formulas are plain torch ops, so where compiling fails (no C++ compiler, say)
+they run eagerly instead, after one warning. The site takes its general path (the
+rule's own ``latent_gradient``, differentiable) for a plugin rule, for second
+derivatives (``create_graph``), under ``torch.compile`` of the model (which fuses
+the general path itself), for tensors too small to gain (a kernel call costs ~20 µs
+on a CPU) and where ``set_enabled(False)`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Fewer elements than this: the general path (the call overhead outweighs the gain).
+MIN_NUMEL = 32768
+#: The dtypes the kernels are built for (the site computes half precision in float32).
+DTYPES = (torch.float32, torch.float64)
+
+_enabled = os.environ.get("EWGS_FUSED", "1") != "0"
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the fused kernels on or off (the environment's ``EWGS_FUSED=0`` starts
+    with them off); off, every round site takes its general path."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+# The formulas. Every scalar (``scale``, ``shift``, bounds, EWGS's factor) is a 0-d
+# tensor of x's dtype and device (see ``constant``): a Python number would be turned
+# into a tensor on every call (or, for ``clamp``, specialised: one compile per
+# bit-width).
+# ``below``/``above`` are the clip bounds' float neighbours (see round_site): a latent
+# outside ``(below, above)`` gets no gradient; NaN keeps its gradient, as with
+# ``hardtanh_backward``. EWGS's term is ``grad + (factor·|grad|)·(round(z) - z)``:
+# the general path's ``addcmul`` fuses that multiply-add (one rounding fewer), so the
+# two agree within one rounding of the term, not bit for bit.
+
+
+def _forward_clipped(x: Tensor, scale: Tensor, shift: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    return torch.clamp(x * scale + shift, low, high).round()
+
+
+def _forward_free(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.round(x * scale + shift)
+
+
+def _affine_gradients(grad: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, ``scale`` and ``shift`` from the latent's."""
+    return grad * scale, (grad * x).sum(), grad.sum()
+
+
+def _backward_ste_clipped(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, below: Tensor, above: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    latent = x * scale + shift
+    inside = torch.where((latent <= below) | (latent >= above), 0.0, grad)
+    return _affine_gradients(inside, x, scale)
+
+
+def _backward_ewgs_clipped(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    factor: Tensor,
+    below: Tensor,
+    above: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    latent = x * scale + shift
+    scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
+    inside = torch.where((latent <= below) | (latent >= above), 0.0, scaled)
+    return _affine_gradients(inside, x, scale)
+
+
+def _backward_ste_free(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _affine_gradients(grad, x, scale)
+
+
+def _backward_ewgs_free(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, factor: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    latent = x * scale + shift
+    scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
+    return _affine_gradients(scaled, x, scale)
+
+
+FORMULAS: dict[str, Callable[..., Any]] = {
+    "forward_clipped": _forward_clipped,
+    "forward_free": _forward_free,
+    "ste_clipped": _backward_ste_clipped,
+    "ewgs_clipped": _backward_ewgs_clipped,
+    "ste_free": _backward_ste_free,
+    "ewgs_free": _backward_ewgs_free,
+}
+
+_compiled: dict[str, Callable[..., Any]] = {}
+_failed: set[tuple[str, str]] = set()
+_constants: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
+
+
+#: Memoised constants kept at most (δ/steps takes a new value at every δ estimate).
+MAX_CONSTANTS = 4096
+
+
+def constant(value: float | Tensor, like: Tensor) -> Tensor:
+    """``value`` as a detached 0-d tensor of ``like``'s dtype and device (a Python
+    number becomes a tensor once, memoised)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if len(_constants) >= MAX_CONSTANTS:
+        _constants.clear()
+    value = float(value)
+    key = (value, math.copysign(1.0, value), like.dtype, like.device)  # -0.0 is not 0.0
+    if key not in _constants:
+        _constants[key] = torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    return _constants[key]
+
+
+def applies(x: Tensor, *scalars: float | Tensor) -> bool:
+    """Whether a kernel may run on ``x`` (and scalars that are numbers or 0-d tensors
+    on x's device): enabled, eager, big enough, contiguous, a kernel dtype."""
+    if not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if x.numel() < MIN_NUMEL or x.dtype not in DTYPES or not x.is_contiguous():
+        return False
+    return all(
+        not isinstance(s, Tensor) or (s.dim() == 0 and s.device == x.device and s.dtype == x.dtype)
+        for s in scalars
+    )
+
+
+def run(kind: str, *args: Any) -> Any:
+    """Run formula ``kind`` (tensors flattened by the caller) as its compiled kernel;
+    eagerly where compiling failed on this device."""
+    device = next(a.device.type for a in args if isinstance(a, Tensor))
+    formula = FORMULAS[kind]
+    if (kind, device) in _failed:
+        return formula(*args)
+    if kind not in _compiled:
+        _compiled[kind] = torch.compile(formula, dynamic=True, fullgraph=True)
+    try:
+        return _compiled[kind](*args)
+    except Exception as error:  # a compiler missing or failing: the same formula, eager
+        _failed.add((kind, device))
+        warnings.warn(
+            f"ewgs_plugins: the fused round-site kernel '{kind}' could not be compiled on "
+            f"{device} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "running its plain torch ops instead (slower, same result)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return formula(*args)

@@ -1,0 +1,187 @@
+"""The round site's fused kernels compute what its general path computes.
+
+The general path (plain torch ops: the rule's own ``latent_gradient``, the clip's
+``hardtanh_backward``, autograd's sums) is the reference; the laws of that path are in
+``test_core_round_site.py``. Here every kernel (forward clipped/free, STE and EWGS
+backward clipped/free) runs on random shapes, δ, scales and shifts and is compared:
+
+- bit for bit: the levels (the same ops), STE's gradient of ``x`` (the same ops), and
+  EWGS at δ = 0 against STE (the site sends it to STE's kernel);
+- EWGS's gradient of ``x`` within one rounding of its term: the general path's
+  ``addcmul`` fuses its multiply-add (one rounding), the compiled kernel may round the
+  product first, so ``|Δ| <= 2 eps (|g| + |factor·g·e|) |scale|``;
+- the gradients of ``scale`` and ``shift`` (sums over the tensor, summed in another
+  order) within ``8 sqrt(n) eps`` of the sum of the terms' magnitudes: far below what a
+  lost EWGS factor (δ/(2 steps) of the terms, >= 1e-4 here) or a wrong mask would move.
+
+On the CPU always; on CUDA too where there is one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from ewgs_plugins import ElementWiseGradientScaling, RoundSite, StraightThrough, fused
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+    ),
+]
+
+
+class fused_everywhere:
+    """The fused kernels on (or off) for tensors of any size, restored afterwards."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.saved = fused.MIN_NUMEL, fused.enabled()
+        fused.MIN_NUMEL = 2  # sizes 0 and 1 would be compiled specially: never drawn here
+        fused.set_enabled(self.on)
+
+    def __exit__(self, *exc: object) -> None:
+        fused.MIN_NUMEL = self.saved[0]
+        fused.set_enabled(self.saved[1])
+
+
+@st.composite
+def site_cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    steps = draw(st.integers(1, 255))
+    clipped = draw(st.booleans())
+    scale = draw(st.sampled_from(["none", "number", "tensor"]))
+    shift = draw(st.sampled_from(["none", "number", "tensor"]))
+    rule = draw(st.sampled_from(["ste", "ewgs"]))
+    delta = draw(st.sampled_from([0.0, 1e-3, 0.5, 7.0])) if rule == "ewgs" else 0.0
+    size = draw(st.integers(2, 700))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, steps, clipped, scale, shift, rule, delta, size, seed
+
+
+def run(case, device: str, on: bool):
+    """Levels and gradients of x, scale and shift through one site."""
+    dtype, steps, clipped, scale_kind, shift_kind, rule, delta, size, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    scale_value = 0.3 + 3 * float(torch.rand((), generator=generator, dtype=torch.float64))
+    shift_value = float(torch.randn((), generator=generator, dtype=torch.float64))
+    scale_used = 1.0 if scale_kind == "none" else scale_value
+    shift_used = 0.0 if shift_kind == "none" else shift_value
+    # x such that the latent spans the range and a fifth beyond each side
+    latent = (torch.rand(size, generator=generator, dtype=dtype) * 1.4 - 0.2) * steps
+    x = ((latent - shift_used) / scale_used).to(device).requires_grad_()
+    grad = torch.randn(size, generator=generator, dtype=dtype).to(device)
+    grad[torch.rand(size, generator=generator) < 0.1] = 0.0
+
+    def make(kind: str, value: float):
+        if kind == "none":
+            return None
+        if kind == "number":
+            return value
+        return torch.tensor(value, dtype=dtype, device=device, requires_grad=True)
+
+    scale, shift = make(scale_kind, scale_value), make(shift_kind, shift_value)
+    backward = StraightThrough() if rule == "ste" else ElementWiseGradientScaling()
+    site = RoundSite(backward, delta).to(device)
+    bounds = (0.0, float(steps)) if clipped else ()
+    with fused_everywhere(on):
+        levels = site(x, steps, *bounds, scale=scale, shift=shift)
+        levels.backward(grad)
+    grads = [t.grad if isinstance(t, torch.Tensor) else None for t in (x, scale, shift)]
+    return levels.detach(), grads, grad, x.detach(), scale_used, -delta / steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(case=site_cases())
+def test_fused_kernels_compute_the_general_paths_values(device, case):
+    dtype, steps, clipped, scale_kind, shift_kind, rule, delta, size, seed = case
+    levels, (grad_x, grad_scale, grad_shift), grad, x, scale, factor = run(case, device, True)
+    expected_levels, (want_x, want_scale, want_shift), *_ = run(case, device, False)
+    assert torch.equal(levels, expected_levels)
+    eps = torch.finfo(dtype).eps
+    if rule == "ste" or delta == 0.0:
+        assert torch.equal(grad_x, want_x)
+    else:
+        bound = 2 * eps * grad.abs() * (1 + abs(factor)) * scale
+        assert ((grad_x - want_x).abs() <= bound).all()
+    grad_latent = want_x.abs() / scale  # |the latent's gradient|, elementwise
+    tolerance = 8 * math.sqrt(size) * eps
+    for got, want, terms in (
+        (grad_scale, want_scale, grad_latent * x.abs()),
+        (grad_shift, want_shift, grad_latent),
+    ):
+        if want is None:
+            assert got is None
+            continue
+        assert abs(float(got - want)) <= tolerance * float(terms.sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_ewgs_at_zero_delta_is_ste_bit_for_bit(device, dtype):
+    generator = torch.Generator().manual_seed(3)
+    x0 = (torch.rand(1000, generator=generator, dtype=dtype) * 9 - 1).to(device)
+    grad = torch.randn(1000, generator=generator, dtype=dtype).to(device)
+    results = []
+    for rule in (StraightThrough(), ElementWiseGradientScaling()):
+        x = x0.clone().requires_grad_()
+        scale = torch.tensor(1.3, dtype=dtype, device=device, requires_grad=True)
+        with fused_everywhere():
+            RoundSite(rule, 0.0).to(device)(x, 7, 0.0, 7.0, scale=scale).backward(grad)
+        results.append((x.grad, scale.grad))
+    (ste_x, ste_scale), (ewgs_x, ewgs_scale) = results
+    assert torch.equal(ste_x.view(-1).view(torch.uint8), ewgs_x.view(-1).view(torch.uint8))
+    assert torch.equal(ste_scale, ewgs_scale)
+
+
+def test_second_derivatives_take_the_differentiable_path():
+    # create_graph: the site's backward runs in plain ops (the kernel is not
+    # differentiable), so the Hessian δ estimate gets the same numbers either way.
+    def second(on: bool) -> torch.Tensor:
+        site = RoundSite(ElementWiseGradientScaling(), 0.5)
+        w = torch.linspace(-2.0, 2.0, 300, dtype=torch.float64, requires_grad=True)
+        x = torch.linspace(-1.0, 3.0, 300, dtype=torch.float64, requires_grad=True)
+        scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+        with fused_everywhere(on):
+            q = site(x, 7, -7.0, 7.0, scale=scale)
+            (grad_x,) = torch.autograd.grad(((q * w) ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.sum(), [w, scale])
+
+    fused_w, fused_scale = second(True)
+    plain_w, plain_scale = second(False)
+    assert fused_w.abs().sum() > 0
+    assert torch.equal(fused_w, plain_w) and torch.equal(fused_scale, plain_scale)
+
+
+def test_a_kernel_that_cannot_compile_runs_its_plain_ops_after_one_warning(monkeypatch):
+    def broken(*args: object) -> object:
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(fused, "_compiled", {kind: broken for kind in fused.FORMULAS})
+    monkeypatch.setattr(fused, "_failed", set())
+    x0 = torch.linspace(-1.0, 8.0, 500)
+    grad = torch.linspace(1.0, -1.0, 500)
+
+    def gradient(on: bool) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        with fused_everywhere(on):
+            RoundSite(ElementWiseGradientScaling(), 0.2)(x, 7, 0.0, 7.0, scale=1.5).backward(grad)
+        return x.grad
+
+    with pytest.warns(RuntimeWarning, match="could not be compiled on cpu .*no C\\+\\+ compiler"):
+        got = gradient(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per kernel and device
+        assert torch.equal(gradient(True), got)
+    # the formula eager (no fused multiply-add) against addcmul's: one rounding apart
+    assert torch.allclose(got, gradient(False), rtol=1e-6, atol=1e-7)
