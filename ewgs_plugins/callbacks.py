@@ -61,8 +61,9 @@ def lifecycle_manager(callbacks: Mapping[str, object]) -> pluggy.PluginManager:
 class DeltaSchedule:
     """The δ schedule: δ starts at the estimator's initial value; an estimator with a
     schedule (``hessian``) estimates δ every ``every`` epochs (``unit: epoch``, at the
-    start of the epoch, once ``every`` epochs have run) or steps, and once before
-    training if ``before_training``, each time on ``estimator.batches`` freshly drawn
+    start of the epoch, once ``every`` epochs have run) or steps (not after the last
+    step, where a new δ would train nothing), and once before training if
+    ``before_training``, each time on ``estimator.batches`` freshly drawn
     training batches of ``batch_size`` (None: the training batch size). Whenever δ of
     any site changes, the δ of every active site is appended to ``deltas.jsonl`` in the
     run directory: ``{"epoch": e, "step": s, "deltas": {site: δ}}`` (``epoch`` is the
@@ -99,7 +100,9 @@ class DeltaSchedule:
 
     @hookimpl
     def ewgs_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        if self.estimator.unit == "step" and self.estimator.due(step=step + 1):
+        done = step + 1
+        last = done >= trainer.recipe.epochs * trainer.steps_per_epoch  # nothing trains after
+        if self.estimator.unit == "step" and self.estimator.due(step=done) and not last:
             self.estimate(trainer)
 
     def estimate(self, trainer: Trainer) -> None:

@@ -228,3 +228,13 @@ def test_the_run_directory_and_its_guards(tmp_path, capsys):
     assert cli.main(["train", str(path), "--resume", "output=" + str(tmp_path / "x")]) == 0
     assert "no checkpoint yet; training from the start" in capsys.readouterr().out
     assert len(rows(tmp_path / "x" / "metrics.jsonl")) == 2
+
+
+def test_a_step_schedule_does_not_estimate_after_the_last_step(tmp_path):
+    options = {"every": 8, "unit": "step", "batches": 1, "samples": 1}
+    trainer = Trainer(
+        recipe(tmp_path / "run", epochs=2, delta={"name": "hessian", "options": options})
+    )
+    assert trainer.steps_per_epoch * 2 == 16  # due at 8 and 16; 16 is the last step
+    trainer.run()
+    assert [row["step"] for row in rows(tmp_path / "run" / "deltas.jsonl")] == [0, 8]
