@@ -1,14 +1,18 @@
-"""What a checkpoint holds, how a trainer is restored from one, and when a run directory
-may be resumed. The files themselves (names, format tag, atomic writes) are the run
-directory's: ``ewgs_plugins.rundir``."""
+"""What a checkpoint holds, how a trainer is restored from one, when a run directory
+may be resumed, and what may be saved (only a finite state). The files themselves
+(names, format tag, atomic writes) are the run directory's: ``ewgs_plugins.rundir``."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from .. import distributed, rundir
 from ..errors import ConfigError, RunDirError
@@ -140,6 +144,39 @@ def sync_run_files(run_dir: Path, state: Mapping[str, Any]) -> None:
         current = None
     if current != state.get("checksum"):
         rundir.copy_atomic(run_dir / rundir.CHECKPOINT_LAST, best_file)
+
+
+def open_run(run_dir: Path, *, resume: bool) -> dict[str, Any] | None:
+    """The state a run in ``run_dir`` starts from: with ``resume`` its last good
+    checkpoint (``open_checkpoint``), with the files written after it brought in line
+    (``sync_run_files``), or None when no epoch was saved yet (the run starts); without,
+    None, and a ``ConfigError`` if the folder already holds a run."""
+    if not resume:
+        if (run_dir / rundir.CHECKPOINT_LAST).is_file():
+            raise ConfigError(
+                "output",
+                f"{run_dir} already holds a run; pass --resume to continue it, or "
+                "choose another directory (output=...)",
+            )
+        return None
+    saved = open_checkpoint(run_dir, recover=True)
+    if saved is not None:
+        sync_run_files(run_dir, saved)
+    elif distributed.is_main():
+        print(f"{run_dir}: no checkpoint yet; training from the start", flush=True)
+    return saved
+
+
+def non_finite_state(model: nn.Module, metrics: Mapping[str, Any]) -> str | None:
+    """What is not finite in ``model`` (a parameter or buffer) or in an epoch's losses,
+    said in words; None when everything is (only a finite state is saved)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds non-finite values"
+    for key in ("train_loss", "test_loss"):
+        if not math.isfinite(metrics[key]):
+            return f"the {key.replace('_', ' ')} is {metrics[key]}"
+    return None
 
 
 def check_same_recipe(recipe: Recipe, saved: Mapping[str, Any], run_dir: Path) -> None:

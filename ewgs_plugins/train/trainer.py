@@ -41,7 +41,7 @@ from ..errors import ConfigError, PluginError, TrainingError
 from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
 from ..recipe import Recipe
 from ..summary import summary_markdown
-from .checkpoint import open_checkpoint, restore_trainer, sync_run_files, trainer_state
+from .checkpoint import non_finite_state, open_run, restore_trainer, trainer_state
 from .loaders import draw_batches, test_loader, to_device, train_loader, train_sampler
 from .model import build_model
 from .optim import LRSchedule, build_optimizers, check_param_groups, initial_layout, move_to_group
@@ -119,19 +119,7 @@ class Trainer:
     def _build(self, resume: bool, callbacks: Mapping[str, object] | None) -> None:
         """Everything of ``__init__`` after the run directory's lock is held."""
         recipe = self.recipe
-        saved: Mapping[str, Any] | None = None
-        if resume:
-            saved = open_checkpoint(self.run_dir, recover=True)
-            if saved is not None:
-                sync_run_files(self.run_dir, saved)
-            elif distributed.is_main():
-                print(f"{self.run_dir}: no checkpoint yet; training from the start", flush=True)
-        elif (self.run_dir / rundir.CHECKPOINT_LAST).is_file():
-            raise ConfigError(
-                "output",
-                f"{self.run_dir} already holds a run; pass --resume to continue it, or "
-                "choose another directory (output=...)",
-            )
+        saved = open_run(self.run_dir, resume=resume)
 
         seed_everything(recipe.seed)
         self.method = recipe.make_method()
@@ -355,7 +343,9 @@ class Trainer:
             self.metrics.update(logged)
             self.metrics["time_s"] = round(time.perf_counter() - started, 3)
             self.hooks.ewgs_epoch_end(trainer=self, epoch=epoch, metrics=self.metrics)
-            self._check_finite()
+            bad = non_finite_state(self.model, self.metrics)  # a checkpoint is a good state
+            if bad is not None:
+                self._non_finite(bad)
             self.history.append(self.metrics)
             is_best = self.best is None or self.metrics["test_top1"] > self.best["test_top1"]
             if is_best:
@@ -459,16 +449,6 @@ class Trainer:
             f"stopped, nothing of this epoch saved. {kept}. Lower the learning rate or "
             "check the data and the quantizer's initialisation."
         )
-
-    def _check_finite(self) -> None:
-        """Before an epoch is saved: every parameter and buffer of the model, and the
-        epoch's losses, must be finite (a checkpoint is only ever a good state)."""
-        for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                self._non_finite(f"{name} holds non-finite values")
-        for key in ("train_loss", "test_loss"):
-            if not math.isfinite(self.metrics[key]):
-                self._non_finite(f"the {key.replace('_', ' ')} is {self.metrics[key]}")
 
     def _print_epoch(self) -> None:
         m = self.metrics
