@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -250,8 +251,8 @@ def export_int(
     path = Path(out) if out is not None else run.run_dir / rundir.INT_EXPORT
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=1)
-    storage.save_file(tensors, str(path), metadata={"ewgs": text})
-    path.with_suffix(".json").write_text(text + "\n")
+    rundir.write_bytes_atomic(path, storage.save(tensors, metadata={"ewgs": text}))
+    rundir.write_atomic(path.with_suffix(".json"), text + "\n")
     return path
 
 
@@ -436,10 +437,11 @@ def write_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         # a quantizer's Python scalars (LSQ's gradient scale) are constants of the graph
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        serialized = io.BytesIO()
         torch.onnx.export(
             ready,
             (example,),
-            str(path),
+            serialized,
             dynamo=False,
             opset_version=ONNX_OPSET,
             input_names=["input"],
@@ -448,6 +450,7 @@ def write_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
             # keep the weight codes as integer initializers (folding would decode them)
             do_constant_folding=False,
         )
+    rundir.write_bytes_atomic(path, serialized.getbuffer())
     return path
 
 

@@ -87,7 +87,7 @@ def plot_mechanism(columns: Mapping[str, Sequence[Path]], path: Path, title: str
         )
     if title:
         figure.suptitle(title)
-    figure.savefig(path, dpi=100)
+    rundir.save_figure(figure, path, dpi=100)
     return path
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .results import RunResult, backward_order, row_key, varying_keys
 
 _STYLES = {"ste": "--", "ewgs": "-"}
@@ -105,7 +106,7 @@ def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
     for axis in (loss_axis, top1_axis):
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.savefig(path, dpi=110)
+    rundir.save_figure(figure, path, dpi=110)
     return path
 
 
@@ -130,7 +131,7 @@ def plot_deltas(run: RunResult, path: Path) -> Path:
         if 0 < len(chosen) <= 12:
             axis.legend(fontsize="x-small")
     figure.suptitle(f"{run.method} {run.backward.upper()} {run.bits} seed {run.seed}")
-    figure.savefig(path, dpi=110)
+    rundir.save_figure(figure, path, dpi=110)
     return path
 
 

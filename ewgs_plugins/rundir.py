@@ -153,9 +153,14 @@ def _replace_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     _sync_folder(path.parent)
 
 
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` by ``data`` atomically."""
+    _replace_atomic(path, lambda handle: handle.write(data))
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace the text file ``path`` by ``text`` atomically."""
-    _replace_atomic(path, lambda handle: handle.write(text.encode()))
+    write_bytes_atomic(path, text.encode())
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -163,7 +168,14 @@ def save_atomic(obj: Any, path: Path) -> None:
     torch's writer turns a failed write (a full disk) into a bare RuntimeError."""
     serialized = io.BytesIO()
     torch.save(obj, serialized)
-    _replace_atomic(path, lambda handle: handle.write(serialized.getbuffer()))
+    write_bytes_atomic(path, serialized.getbuffer())
+
+
+def save_figure(figure: Any, path: Path, *, dpi: int) -> None:
+    """Replace the PNG ``path`` by a matplotlib ``figure`` atomically."""
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    write_bytes_atomic(path, image.getbuffer())
 
 
 def copy_atomic(source: Path, path: Path) -> None:
