@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rundir
-from .errors import ConfigError, load_failure
+from .errors import ConfigError, RunDirError, load_failure
 from .hookspecs import hookimpl
 from .models import load_full_precision
 from .options import call_with_options
@@ -75,6 +75,10 @@ def load_teacher(
         message = f"{path}: cannot be read: {load_failure(error)}"
         raise ConfigError(where, message) from None
     if rundir.is_checkpoint(loaded):
+        try:
+            rundir.check_checkpoint(loaded, path)
+        except RunDirError as error:
+            raise ConfigError(where, str(error)) from None
         saved = loaded["recipe"]
         if saved["model"]["name"] != model:
             raise ConfigError(

@@ -345,12 +345,18 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
         raise RunDirError(f"{path}: cannot be read ({load_failure(error)})") from None
     if not is_checkpoint(state):
         raise RunDirError(f"{path}: not a checkpoint of this trainer (no format tag)")
+    check_checkpoint(state, path)
+    return state
+
+
+def check_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """A ``RunDirError`` naming ``path`` unless the loaded checkpoint ``state`` is whole
+    and matches its checksum."""
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
         raise RunDirError(f"{path}: the checkpoint lacks {', '.join(missing)}")
     if "checksum" in state and checksum(state) != state["checksum"]:
         raise RunDirError(f"{path}: damaged: its contents do not match its checksum")
-    return state
 
 
 def is_checkpoint(state: Any) -> bool:

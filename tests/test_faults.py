@@ -21,7 +21,8 @@ from toys import make_distribution, run_cli_stopping_at_write
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
-from ewgs_plugins.errors import RunDirError
+from ewgs_plugins.errors import ConfigError, RunDirError
+from ewgs_plugins.qat_callbacks import load_teacher
 from ewgs_plugins.recipe import load_recipe
 from ewgs_plugins.train import Trainer
 from ewgs_plugins.train import trainer as trainer_module
@@ -307,6 +308,17 @@ def test_a_damaged_last_checkpoint_is_one_line_and_resume_falls_back(
     assert damaged.is_file()
     damaged.unlink()
     same_run(run, reference_run)
+
+
+def test_a_damaged_teacher_checkpoint_is_refused_naming_it(reference, tmp_path):
+    reference_run, _ = reference
+    model = rundir.read_checkpoint(reference_run / rundir.CHECKPOINT_LAST)["recipe"]["model"]
+    teacher = tmp_path / "teacher.pt"
+    shutil.copyfile(reference_run / rundir.CHECKPOINT_LAST, teacher)
+    assert load_teacher(model["name"], model["options"], teacher, 10) is not None
+    flip_a_byte_inside_a_tensor(teacher)
+    with pytest.raises(ConfigError, match=r"teacher.weights: .*teacher.pt: damaged"):
+        load_teacher(model["name"], model["options"], teacher, 10)
 
 
 def test_no_good_checkpoint_left_is_one_line_for_every_command(reference, tmp_path, capsys):
