@@ -14,7 +14,7 @@ Everything here reads the integer contract of each quantizer (``Quantizer.intege
   the dynamo exporter needs ``onnxscript``). A quantized tensor whose map has an integer
   zero point and 8-bit codes is ``QuantizeLinear``/``DequantizeLinear`` (weights: 8-bit
   code initializers into ``DequantizeLinear``); other maps are plain ops (``Cast``,
-  ``Div``, ``Mul``, ``Sub``) that follow the method's forward. The input quantizers'
+  ``Mul``, ``Add``, ``Sub``) that follow the method's forward. The input quantizers'
   latent (scale, shift, ``Clip``, ``Round``) is the method's own arithmetic in plain ops.
   ``check_onnx`` runs it in onnxruntime against PyTorch.
 
@@ -344,8 +344,8 @@ class _OnnxCodes(nn.Module):
     through DequantizeLinear: with the map's scale and zero point when that is the
     method's own arithmetic (an integer zero point, and ``dequantize`` not overridden),
     otherwise with unit scale, followed by the method's ``dequantize`` in plain ops (the
-    interval and DoReFa divide by 2^b − 1, which a multiply by the scale is not, bit for
-    bit). Wider codes are cast to float and decoded by the method's ``dequantize``."""
+    interval and DoReFa weights' ``k · (2/steps) − 1`` is not ``(2/steps)(k − steps/2)``,
+    bit for bit). Wider codes are cast to float and decoded by the method's ``dequantize``."""
 
     def __init__(self, quantizer: Quantizer, imap: IntegerMap) -> None:
         super().__init__()

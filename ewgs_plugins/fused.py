@@ -1,9 +1,11 @@
 """Fused kernels of the round site, for the built-in backward rules.
 
 In eager mode every torch op is one pass over memory. The round site's plain forms
-take several: forward ``x·scale + shift``, clip, round (four passes); backward the
-latent recomputed, the rule (EWGS: ``round``, ``|g|``, one ``addcmul``), the clip's
-gradient and the gradients of ``x``, ``scale`` and ``shift`` (up to ten). Here each
+take several: forward ``x·scale + shift``, clip, round and the levels' values
+``levels·out_scale + out_shift`` (six passes); backward the output's gradient through
+``out_scale``, the latent recomputed, the rule (EWGS: ``round``, ``|g|``, one
+``addcmul``), the clip's gradient and the gradients of ``x``, ``scale``, ``shift``,
+``out_scale`` and ``out_shift`` (up to fourteen). Here each
 is one kernel: the formulas below, compiled once per kind, dtype and device by
 ``torch.compile`` (inductor: C++ on a CPU, Triton on CUDA) with dynamic shapes, and
 called on flat contiguous tensors. Every value stays in registers, so EWGS's
@@ -47,10 +49,13 @@ def enabled() -> bool:
     return _enabled
 
 
-# The formulas. Every scalar (``scale``, ``shift``, bounds, EWGS's factor) is a 0-d
-# tensor of x's dtype and device (see ``constant``): a Python number would be turned
-# into a tensor on every call (or, for ``clamp``, specialised: one compile per
-# bit-width).
+# The formulas. Every scalar (``scale``, ``shift``, ``out_scale``, ``out_shift``, bounds,
+# EWGS's factor) is a 0-d tensor of x's dtype and device (see ``constant``): a Python
+# number would be turned into a tensor on every call (or, for ``clamp``, specialised: one
+# compile per bit-width).
+# The site's output is ``levels · out_scale + out_shift`` (the levels' values); the
+# backward takes the output's gradient ``grad_out`` and returns the gradients of ``x``,
+# ``scale``, ``shift``, ``out_scale`` and ``out_shift``.
 # ``below``/``above`` are the clip bounds' float neighbours (see round_site): a latent
 # outside ``(below, above)`` gets no gradient; NaN keeps its gradient, as with
 # ``hardtanh_backward``. EWGS's term is ``grad + (factor·|grad|)·(round(z) - z)``:
@@ -58,54 +63,90 @@ def enabled() -> bool:
 # two agree within one rounding of the term, not bit for bit.
 
 
-def _forward_clipped(x: Tensor, scale: Tensor, shift: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    return torch.clamp(x * scale + shift, low, high).round()
-
-
-def _forward_free(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.round(x * scale + shift)
-
-
-def _affine_gradients(grad: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of ``x``, ``scale`` and ``shift`` from the latent's."""
-    return grad * scale, (grad * x).sum(), grad.sum()
-
-
-def _backward_ste_clipped(
-    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, below: Tensor, above: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    latent = x * scale + shift
-    inside = torch.where((latent <= below) | (latent >= above), 0.0, grad)
-    return _affine_gradients(inside, x, scale)
-
-
-def _backward_ewgs_clipped(
-    grad: Tensor,
+def _forward_clipped(
     x: Tensor,
     scale: Tensor,
     shift: Tensor,
+    out_scale: Tensor,
+    out_shift: Tensor,
+    low: Tensor,
+    high: Tensor,
+) -> Tensor:
+    return torch.clamp(x * scale + shift, low, high).round() * out_scale + out_shift
+
+
+def _forward_free(
+    x: Tensor, scale: Tensor, shift: Tensor, out_scale: Tensor, out_shift: Tensor
+) -> Tensor:
+    return torch.round(x * scale + shift) * out_scale + out_shift
+
+
+def _gradients(
+    grad_latent: Tensor, grad_out: Tensor, levels: Tensor, x: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x``, ``scale``, ``shift``, ``out_scale``, ``out_shift``."""
+    return (
+        grad_latent * scale,
+        (grad_latent * x).sum(),
+        grad_latent.sum(),
+        (grad_out * levels).sum(),
+        grad_out.sum(),
+    )
+
+
+def _backward_ste_clipped(
+    grad_out: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    out_scale: Tensor,
+    below: Tensor,
+    above: Tensor,
+    low: Tensor,
+    high: Tensor,
+) -> tuple[Tensor, ...]:
+    latent = x * scale + shift
+    levels = torch.clamp(latent, low, high).round()
+    grad = grad_out * out_scale
+    inside = torch.where((latent <= below) | (latent >= above), 0.0, grad)
+    return _gradients(inside, grad_out, levels, x, scale)
+
+
+def _backward_ewgs_clipped(
+    grad_out: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    out_scale: Tensor,
     factor: Tensor,
     below: Tensor,
     above: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+    low: Tensor,
+    high: Tensor,
+) -> tuple[Tensor, ...]:
     latent = x * scale + shift
+    levels = torch.clamp(latent, low, high).round()
+    grad = grad_out * out_scale
     scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
     inside = torch.where((latent <= below) | (latent >= above), 0.0, scaled)
-    return _affine_gradients(inside, x, scale)
+    return _gradients(inside, grad_out, levels, x, scale)
 
 
 def _backward_ste_free(
-    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _affine_gradients(grad, x, scale)
+    grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, out_scale: Tensor
+) -> tuple[Tensor, ...]:
+    levels = torch.round(x * scale + shift)
+    return _gradients(grad_out * out_scale, grad_out, levels, x, scale)
 
 
 def _backward_ewgs_free(
-    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, factor: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, out_scale: Tensor, factor: Tensor
+) -> tuple[Tensor, ...]:
     latent = x * scale + shift
-    scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
-    return _affine_gradients(scaled, x, scale)
+    levels = torch.round(latent)
+    grad = grad_out * out_scale
+    scaled = grad + (factor * grad.abs()) * (levels - latent)
+    return _gradients(scaled, grad_out, levels, x, scale)
 
 
 FORMULAS: dict[str, Callable[..., Any]] = {

@@ -4,12 +4,14 @@ A method computes its latent in *level units* (the levels are the integers and i
 range spans ``steps`` of them) and calls ``self.round_site(z, steps)``, optionally
 with the clip bounds of its range (``low``/``high``, in level units), or hands over
 the latent's affine form ``z = x · scale + shift`` (``round_site(x, steps, low,
-high, scale=s, shift=b)``). The forward is exactly ``torch.round(torch.clamp(z, low,
-high))``; the backward hands the incoming gradient to the attached backward rule,
-then applies the clip's gradient (zero outside ``[low, high]``, bounds included as
+high, scale=s, shift=b)``), and optionally the levels' values ``levels · out_scale +
+out_shift`` (``out_scale=``, ``out_shift=``). The forward is exactly
+``torch.round(torch.clamp(z, low, high))`` and then that output affine; the backward
+takes the output affine's gradient, hands the levels' gradient to the attached backward
+rule, then applies the clip's gradient (zero outside ``[low, high]``, bounds included as
 inside) and the affine's (to ``x``, ``scale`` and ``shift``).
 
-The clip and the affine are fused into the site so that EWGS and STE save the same
+The clip and both affines are fused into the site so that EWGS and STE save the same
 tensor, ``x`` (which the op before the quantizer keeps anyway: a ReLU its output,
 tanh its output, a weight itself); both recompute the latent from it, EWGS its
 discretization error too, so EWGS costs no activation memory over STE. For the
@@ -62,6 +64,15 @@ def affine_latent(x: Tensor, scale: float | Tensor | None, shift: float | Tensor
     return latent if shift is None else latent + shift
 
 
+def level_values(
+    levels: Tensor, out_scale: float | Tensor | None, out_shift: float | Tensor | None
+) -> Tensor:
+    """``levels · out_scale + out_shift`` (either may be absent): the values of the
+    levels, the plain form of the site's output affine."""
+    values = levels if out_scale is None else levels * out_scale
+    return values if out_shift is None else values + out_shift
+
+
 def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str | None:
     """The fused backward for ``rule`` (exactly a built-in rule, δ known as a number):
     "ste" (EWGS at δ = 0 too, so it stays STE bit for bit), "ewgs", or None."""
@@ -72,14 +83,14 @@ def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str |
     return None
 
 
-def _fused_affine(
-    x: Tensor, scale: float | Tensor | None, shift: float | Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The kernels' ``scale`` and ``shift``: 0-d tensors; an absent scale is 1 and an
-    absent shift -0.0, which leave every x as it is (x + (-0.0) = x, -0.0 included)."""
-    return (
-        fused.constant(1.0 if scale is None else scale, x),
-        fused.constant(-0.0 if shift is None else shift, x),
+def _fused_scalars(x: Tensor, *affine: float | Tensor | None) -> tuple[Tensor, ...]:
+    """The kernels' ``scale``, ``shift``, ``out_scale``, ``out_shift``: 0-d tensors; an
+    absent scale is 1 and an absent shift -0.0, which leave every value as it is
+    (v · 1 = v and v + (-0.0) = v, -0.0 included)."""
+    scale, shift, out_scale, out_shift = affine
+    return tuple(
+        fused.constant(absent if value is None else value, x)
+        for value, absent in ((scale, 1.0), (shift, -0.0), (out_scale, 1.0), (out_shift, -0.0))
     )
 
 
@@ -92,6 +103,8 @@ class _RoundFunction(torch.autograd.Function):
         x: Tensor,
         scale: float | Tensor | None,
         shift: float | Tensor | None,
+        out_scale: float | Tensor | None,
+        out_shift: float | Tensor | None,
         delta: Tensor,
         steps: int,
         low: float | None,
@@ -99,72 +112,99 @@ class _RoundFunction(torch.autograd.Function):
         rule: BackwardRule,
         delta_value: float | None,
     ) -> Tensor:
-        scale_tensor = scale if isinstance(scale, Tensor) else None
-        shift_tensor = shift if isinstance(shift, Tensor) else None
-        # The latent is never saved: the backward recomputes it from x, which the op
-        # before the quantizer (a ReLU, tanh, the weight itself) keeps anyway.
-        keep_x = rule.needs_latent or low is not None or scale_tensor is not None
-        ctx.save_for_backward(x if keep_x else None, scale_tensor, shift_tensor, delta)
-        ctx.scale = None if scale_tensor is not None else scale
-        ctx.shift = None if shift_tensor is not None else shift
+        affine = (scale, shift, out_scale, out_shift)
+        tensors = [value if isinstance(value, Tensor) else None for value in affine]
+        # Neither the latent nor the levels are saved: the backward recomputes them from
+        # x, which the op before the quantizer (a ReLU, tanh, the weight itself) keeps.
+        keep_x = (
+            rule.needs_latent
+            or low is not None
+            or tensors[0] is not None  # the gradient of scale
+            or tensors[2] is not None  # the gradient of out_scale
+        )
+        ctx.save_for_backward(x if keep_x else None, delta, *tensors)
+        ctx.numbers = [None if isinstance(value, Tensor) else value for value in affine]
         ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
         ctx.delta_value = delta_value
-        if fused.applies(x, scale, shift):
-            args = (x.view(-1), *_fused_affine(x, scale, shift))
+        if fused.applies(x, *affine):
+            args = (x.view(-1), *_fused_scalars(x, *affine))
             if low is None:
                 return fused.run("forward_free", *args).view_as(x)
             bounds = fused.constant(low, x), fused.constant(high, x)
             return fused.run("forward_clipped", *args, *bounds).view_as(x)
         latent = affine_latent(x, scale, shift)
         if low is None:
-            return torch.round(latent)
+            return level_values(torch.round(latent), out_scale, out_shift)
         # round(clamp(z)); rounding the fresh clamped tensor in place saves a buffer.
-        return torch.clamp(latent, low, high).round_()
+        return level_values(torch.clamp(latent, low, high).round_(), out_scale, out_shift)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, scale_tensor, shift_tensor, delta = ctx.saved_tensors
-        scale = scale_tensor if scale_tensor is not None else ctx.scale
-        shift = shift_tensor if shift_tensor is not None else ctx.shift
-        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
+        x, delta, *tensors = ctx.saved_tensors
+        affine = [t if t is not None else n for t, n in zip(tensors, ctx.numbers)]
+        scale, shift, out_scale, out_shift = affine
+        needs = ctx.needs_input_grad[:5]  # x, scale, shift, out_scale, out_shift
         kind = _fused_backward_kind(ctx.rule, ctx.delta_value)
         if (
             kind is not None
             and x is not None
             and not torch.is_grad_enabled()  # create_graph: the differentiable path
             and grad.dtype == x.dtype
-            and fused.applies(x, scale, shift)
+            and fused.applies(x, *affine)
         ):
             flat_grad = grad.contiguous().view(-1)  # (an expanded gradient, of a sum, say)
-            args: tuple = (flat_grad, x.view(-1), *_fused_affine(x, scale, shift))
+            scalars = _fused_scalars(x, *affine)
+            args: tuple = (flat_grad, x.view(-1), *scalars[:3])  # out_shift: not needed
             if kind == "ewgs":
                 args += (fused.constant(-ctx.delta_value / ctx.steps, x),)  # EWGS: -δ/steps
             if ctx.low is not None:
-                args += tuple(
-                    fused.constant(b, x) for b in _open_bounds(ctx.low, ctx.high, x.dtype)
-                )
+                below, above = _open_bounds(ctx.low, ctx.high, x.dtype)
+                args += tuple(fused.constant(b, x) for b in (below, above, ctx.low, ctx.high))
             suffix = "_free" if ctx.low is None else "_clipped"
-            grad_x, grad_scale, grad_shift = fused.run(kind + suffix, *args)
-            return (
-                grad_x.view_as(x) if needs_x else None,
-                grad_scale if needs_scale else None,
-                grad_shift if needs_shift else None,
-            ) + (None,) * 6
-        clipped = ctx.low is not None
-        latent = affine_latent(x, scale, shift) if ctx.rule.needs_latent or clipped else None
-        context = RoundContext(latent, ctx.steps, delta, ctx.delta_value)
-        grad_latent = ctx.rule.latent_gradient(grad, context)
-        if clipped:
-            grad_latent = _inside_bounds_gradient(grad_latent, latent, ctx.low, ctx.high)
-        grad_x = grad_scale = grad_shift = None
-        if needs_x:
-            grad_x = grad_latent if scale is None else grad_latent * scale
-            grad_x = grad_x.sum_to_size(x.shape) if x is not None else grad_x
-        if needs_scale:
-            grad_scale = (grad_latent * x).sum_to_size(scale_tensor.shape)
-        if needs_shift:
-            grad_shift = grad_latent.sum_to_size(shift_tensor.shape)
-        return (grad_x, grad_scale, grad_shift) + (None,) * 6
+            grad_x, *grad_scalars = fused.run(kind + suffix, *args)
+            grads = [grad_x.view_as(x) if needs[0] else None]
+            grads += [g if need else None for g, need in zip(grad_scalars, needs[1:])]
+            return (*grads,) + (None,) * 6
+        return _general_backward(ctx, grad, x, delta, tensors, affine)
+
+
+def _general_backward(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad: Tensor,
+    x: Tensor | None,
+    delta: Tensor,
+    tensors: list[Tensor | None],
+    affine: list[float | Tensor | None],
+) -> tuple[Tensor | None, ...]:
+    """The site's backward in differentiable plain ops: the output affine's gradient,
+    the rule's ``latent_gradient``, the clip's gradient, the input affine's gradients."""
+    scale, shift, out_scale, out_shift = affine
+    needs_x, needs_scale, needs_shift, needs_out_scale, needs_out_shift = ctx.needs_input_grad[:5]
+    clipped = ctx.low is not None
+    grad_levels = grad if out_scale is None else grad * out_scale
+    latent = (
+        affine_latent(x, scale, shift)
+        if ctx.rule.needs_latent or clipped or needs_out_scale
+        else None
+    )
+    context = RoundContext(latent, ctx.steps, delta, ctx.delta_value)
+    grad_latent = ctx.rule.latent_gradient(grad_levels, context)
+    if clipped:
+        grad_latent = _inside_bounds_gradient(grad_latent, latent, ctx.low, ctx.high)
+    grads: list[Tensor | None] = [None] * 5
+    if needs_x:
+        grad_x = grad_latent if scale is None else grad_latent * scale
+        grads[0] = grad_x.sum_to_size(x.shape) if x is not None else grad_x
+    if needs_scale:
+        grads[1] = (grad_latent * x).sum_to_size(tensors[0].shape)
+    if needs_shift:
+        grads[2] = grad_latent.sum_to_size(tensors[1].shape)
+    if needs_out_scale:
+        levels = torch.round(torch.clamp(latent, ctx.low, ctx.high) if clipped else latent)
+        grads[3] = (grad * levels).sum_to_size(tensors[2].shape)
+    if needs_out_shift:
+        grads[4] = grad.sum_to_size(tensors[3].shape)
+    return (*grads,) + (None,) * 6
 
 
 class RoundSite(nn.Module):
@@ -214,11 +254,15 @@ class RoundSite(nn.Module):
         *,
         scale: float | Tensor | None = None,
         shift: float | Tensor | None = None,
+        out_scale: float | Tensor | None = None,
+        out_shift: float | Tensor | None = None,
     ) -> Tensor:
-        """``round(clamp(x · scale + shift, low, high))``: the latent is ``x`` itself
-        without ``scale``/``shift``. A method that hands over the affine part rather than
-        the latent lets the site fuse it and keep only ``x``, which the op before the
-        quantizer keeps anyway (the latent is recomputed in the backward)."""
+        """``round(clamp(x · scale + shift, low, high)) · out_scale + out_shift``: the
+        latent is ``x`` itself without ``scale``/``shift``, and the levels are returned
+        as they are without ``out_scale``/``out_shift``. A method that hands over the
+        affine parts rather than the latent and the levels lets the site fuse them and
+        keep only ``x``, which the op before the quantizer keeps anyway (the latent and
+        the levels are recomputed in the backward)."""
         if (low is None) != (high is None):
             raise ValueError("give both clip bounds (low and high) or neither")
         if steps < 1:
@@ -228,9 +272,15 @@ class RoundSite(nn.Module):
         self.last_steps = steps
         # Compiled, δ reaches the backward as the tensor only (see RoundContext).
         delta_value = None if torch.compiler.is_compiling() else self._delta_value
+        # Capture and observer read the levels themselves: the output affine then
+        # follows as plain ops (the same arithmetic as the fused form's).
+        split = self.capture is not None or self.observer is not None
+        outputs = (None, None) if split else (out_scale, out_shift)
         rounded = _RoundFunction.apply(
-            x, scale, shift, self.delta, steps, low, high, self.rule, delta_value
+            x, scale, shift, *outputs, self.delta, steps, low, high, self.rule, delta_value
         )
+        if not split:
+            return rounded
         if self.capture is not None:
             if not rounded.requires_grad:
                 # Nothing upstream needs a gradient (a constant input): make the
@@ -239,7 +289,7 @@ class RoundSite(nn.Module):
             self.capture.append((rounded, steps))
         if self.observer is not None:  # the latent it reads, computed for it alone
             self.observer(affine_latent(x, scale, shift).detach(), rounded, steps, low, high)
-        return rounded
+        return level_values(rounded, out_scale, out_shift)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

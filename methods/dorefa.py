@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ewgs_plugins.hookspecs import hookimpl
 from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
+from ewgs_plugins.round_site import level_values
 
 #: Guards the normalisation of an all-zero weight tensor (max|tanh(w)| = 0).
 MIN_MAX = 1e-12
@@ -42,8 +43,10 @@ class DorefaWeightQuantizer(Quantizer):
         # w_n · steps = t · steps / (2 max|t|) + steps / 2, in [0, steps] by construction;
         # the site gets its affine form and keeps t, which tanh keeps for its own gradient.
         scale = steps / (2.0 * t.abs().max().clamp_min(MIN_MAX))
-        levels = self.round_site(t, steps, scale=scale, shift=steps / 2.0)
-        return 2.0 * (levels / steps) - 1.0
+        # the values 2 · levels / steps − 1 as the site's output affine (fused)
+        return self.round_site(
+            t, steps, scale=scale, shift=steps / 2.0, out_scale=2.0 / steps, out_shift=-1.0
+        )
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``, values ``2 (k / steps) − 1``: scale ``2 / steps``,
@@ -52,8 +55,8 @@ class DorefaWeightQuantizer(Quantizer):
         return IntegerMap(torch.tensor(2.0 / steps), torch.tensor(steps / 2.0), 0, steps)
 
     def dequantize(self, codes: Tensor) -> Tensor:
-        steps = 2**self.bits - 1  # the forward's order: divide, double, shift
-        return 2.0 * (codes.to(torch.float32) / steps) - 1.0
+        steps = 2**self.bits - 1  # the forward's output affine
+        return level_values(codes.to(torch.float32), 2.0 / steps, -1.0)
 
 
 class DorefaActivationQuantizer(Quantizer):
@@ -61,15 +64,12 @@ class DorefaActivationQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         steps = 2**self.bits - 1
-        return self.round_site(x, steps, 0.0, float(steps), scale=float(steps)) / steps
+        return self.round_site(x, steps, 0.0, float(steps), scale=float(steps), out_scale=1 / steps)
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``, values ``k / steps``."""
         steps = 2**self.bits - 1
         return IntegerMap(torch.tensor(1.0 / steps), torch.tensor(0.0), 0, steps)
-
-    def dequantize(self, codes: Tensor) -> Tensor:
-        return codes.to(torch.float32) / (2**self.bits - 1)  # the forward's division
 
 
 class DorefaMethod(QuantizerMethod):

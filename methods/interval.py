@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ewgs_plugins.hookspecs import hookimpl
 from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
+from ewgs_plugins.round_site import level_values
 
 #: Smallest interval width the initialisation gives (a constant first batch has σ = 0).
 MIN_WIDTH = 1e-8
@@ -70,14 +71,29 @@ class IntervalQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         steps = self.steps
         # Eq. 1 in level units, (x - l) / (u - l) · steps, as x·s - l·s with the scalar
-        # s = steps / (u - l), handed to the site as its affine part: one fused pass over
-        # x, and only x (which the layer before keeps anyway) is saved.
+        # s = steps / (u - l), handed to the site as its affine part; Eq. 3's values,
+        # levels / steps (weights: 2 · levels / steps - 1), as its output affine: one
+        # fused pass over x, and only x (which the layer before keeps anyway) is saved.
         scale = steps / (self.upper - self.lower)
-        levels = self.round_site(
-            x, steps, 0.0, float(steps), scale=scale, shift=-self.lower * scale
+        out_scale, out_shift = self._values()
+        return self.round_site(
+            x,
+            steps,
+            0.0,
+            float(steps),
+            scale=scale,
+            shift=-self.lower * scale,
+            out_scale=out_scale,
+            out_shift=out_shift,
         )
-        x_q = levels / steps
-        return 2.0 * x_q - 1.0 if self.signed_output else x_q
+
+    def _values(self) -> tuple[float, float | None]:
+        """The levels' values ``levels · out_scale + out_shift`` (Eq. 3: ``levels / steps``,
+        weights ``2 · levels / steps − 1``); a multiply by the rounded ``1 / steps``, within
+        one rounding of the division the paper's code does (exact at one bit)."""
+        if self.signed_output:
+            return 2.0 / self.steps, -1.0
+        return 1.0 / self.steps, None
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``; activations ``k / steps``, weights
@@ -89,9 +105,7 @@ class IntervalQuantizer(Quantizer):
         return IntegerMap(torch.tensor(1.0 / steps), torch.tensor(0.0), 0, steps)
 
     def dequantize(self, codes: Tensor) -> Tensor:
-        # the forward's order: a multiply by 1/steps is not the division, bit for bit
-        x_q = codes.to(torch.float32) / self.steps
-        return 2.0 * x_q - 1.0 if self.signed_output else x_q
+        return level_values(codes.to(torch.float32), *self._values())  # the forward's
 
     def extra_repr(self) -> str:
         kind = "weights" if self.signed_output else "activations"

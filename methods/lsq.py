@@ -85,12 +85,17 @@ class LsqQuantizer(SignFromFirstBatch):
         step = self.step
         if self.grad_scale:
             step = scale_gradient(step, 1.0 / math.sqrt(self.gradient_count(x) * q_p))
-        # v / s as v · (1/s), the site's affine part (fused with its clip and round).
+        # v / s as v · (1/s), the site's affine part, and v̄ · s its output affine (both
+        # fused with its clip and round; the levels are not kept for the gradient of s).
         inverse = step.reciprocal()
         if not self.binary:
-            return self.round_site(x, q_n + q_p, float(-q_n), float(q_p), scale=inverse) * step
-        # The binary grid sits half a step off zero.
-        return (self.round_site(x, 1, 0.0, 1.0, scale=inverse, shift=0.5) - 0.5) * step
+            bounds = float(-q_n), float(q_p)
+            return self.round_site(x, q_n + q_p, *bounds, scale=inverse, out_scale=step)
+        # The binary grid sits half a step off zero: (v̄ − 1/2) · s = v̄ · s − s/2, exactly
+        # for v̄ ∈ {0, 1}.
+        return self.round_site(
+            x, 1, 0.0, 1.0, scale=inverse, shift=0.5, out_scale=step, out_shift=-0.5 * step
+        )
 
     def integer_map(self) -> IntegerMap:
         """Codes ``v̄ ∈ [−Q_N, Q_P]``, values ``v̄ · s``; the binary grid: codes {0, 1},

@@ -183,3 +183,71 @@ def test_delta_is_a_checkpointed_buffer():
     restored = RoundSite(ElementWiseGradientScaling())
     restored.load_state_dict(site.state_dict())
     assert float(restored.delta) == 0.25
+
+
+@given(round_cases(), st.floats(0.0, 10.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_output_affine_is_the_levels_times_out_scale_plus_out_shift(case, delta, ste, seed):
+    # site(x, out_scale=s, out_shift=b) is site(x) · s + b in value and in every
+    # gradient (the general path: the same ops autograd would run for the composition).
+    latent, grad, steps, bounds = case
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(2, generator=generator, dtype=latent.dtype) * 2 - 0.5
+    rule = StraightThrough() if ste else ElementWiseGradientScaling()
+    results = []
+    for fused_in_site in (True, False):
+        site = RoundSite(rule, delta)
+        z = latent.clone().requires_grad_()
+        out_scale, out_shift = (v.clone().requires_grad_() for v in values)
+        if fused_in_site:
+            out = site(z, steps, *bounds, out_scale=out_scale, out_shift=out_shift)
+        else:
+            out = site(z, steps, *bounds) * out_scale + out_shift
+        out.backward(grad)
+        results.append([out.detach(), z.grad, out_scale.grad, out_shift.grad])
+    for got, want in zip(*results):
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_second_derivatives_flow_through_the_output_affine():
+    def second(in_site: bool) -> list[torch.Tensor]:
+        site = RoundSite(ElementWiseGradientScaling(), 0.5)
+        w = torch.tensor([0.7, -1.3, 2.2], dtype=torch.float64, requires_grad=True)
+        x = torch.tensor([1.1, 2.3, 0.4], dtype=torch.float64, requires_grad=True)
+        s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        if in_site:
+            q = site(x, 7, -7.0, 7.0, scale=3.0, out_scale=s, out_shift=-s)
+        else:
+            q = site(x, 7, -7.0, 7.0, scale=3.0) * s - s
+        (grad_x,) = torch.autograd.grad(((q * w) ** 2).sum(), x, create_graph=True)
+        return list(torch.autograd.grad(grad_x.sum(), [w, s]))
+
+    in_site, composed = second(True), second(False)
+    assert in_site[0].abs().sum() > 0
+    for got, want in zip(in_site, composed):
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_a_learned_output_scale_saves_no_levels():
+    # levels · s with a learned s would keep the levels for s's gradient; in the site
+    # they are recomputed from x, which is all it keeps.
+    def saved(in_site: bool) -> int:
+        storages: dict[int, int] = {}  # distinct storages: ReLU and site share theirs
+
+        def pack(tensor):
+            if tensor.numel() > 1:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        site = RoundSite(ElementWiseGradientScaling(), 0.1)
+        x = torch.randn(64, 32, requires_grad=True)
+        s = torch.tensor(0.5, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            relu = torch.relu(x)  # keeps its output, the site's x
+            if in_site:
+                site(relu, 7, 0.0, 7.0, scale=2.0, out_scale=s)
+            else:
+                site(relu, 7, 0.0, 7.0, scale=2.0) * s
+        return sum(storages.values())
+
+    assert saved(True) == 64 * 32 * 4
+    assert saved(False) == 2 * 64 * 32 * 4

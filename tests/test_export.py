@@ -153,8 +153,8 @@ def test_the_onnx_graph_holds_integer_codes_and_uses_qdq_where_it_is_the_map(
     ops, codes = graph("lsq")  # integer zero points, one multiply: QDQ carries the scale
     assert {"QuantizeLinear", "DequantizeLinear", "Round", "Clip"} <= ops and "Div" not in ops
     assert len(codes) == 2 and all(-2 <= c.min() and c.max() <= 1 for c in codes)
-    ops, codes = graph("interval")  # the forward divides by 2^b - 1: DQ, then its Div
-    assert {"QuantizeLinear", "DequantizeLinear", "Div", "Sub"} <= ops
+    ops, codes = graph("interval")  # the forward's k · (2/steps) − 1: DQ, then Mul, Add
+    assert {"QuantizeLinear", "DequantizeLinear", "Mul", "Add"} <= ops and "Div" not in ops
     assert len(codes) == 2 and all(0 <= c.min() and c.max() <= 3 for c in codes)
 
 

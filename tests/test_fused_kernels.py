@@ -3,14 +3,17 @@
 The general path (plain torch ops: the rule's own ``latent_gradient``, the clip's
 ``hardtanh_backward``, autograd's sums) is the reference; the laws of that path are in
 ``test_core_round_site.py``. Here every kernel (forward clipped/free, STE and EWGS
-backward clipped/free) runs on random shapes, δ, scales and shifts and is compared:
+backward clipped/free) runs on random shapes, δ, scales and shifts (of the latent and of
+the output, ``levels · out_scale + out_shift``) and is compared:
 
-- bit for bit: the levels (the same ops), STE's gradient of ``x`` (the same ops), and
+- bit for bit: the output (the same ops), STE's gradient of ``x`` (the same ops), and
   EWGS at δ = 0 against STE (the site sends it to STE's kernel);
 - EWGS's gradient of ``x`` within one rounding of its term: the general path's
   ``addcmul`` fuses its multiply-add (one rounding), the compiled kernel may round the
-  product first, so ``|Δ| <= 2 eps (|g| + |factor·g·e|) |scale|``;
-- the gradients of ``scale`` and ``shift`` (sums over the tensor, summed in another
+  product first, so ``|Δ| <= 2 eps (|g| + |factor·g·e|) |scale|`` (``g`` the levels'
+  gradient, the output's times ``out_scale``);
+- the gradients of ``scale``, ``shift``, ``out_scale`` and ``out_shift`` (sums over the
+  tensor, summed in another
   order) within ``8 sqrt(n) eps`` of the sum of the terms' magnitudes: far below what a
   lost EWGS factor (δ/(2 steps) of the terms, >= 1e-4 here) or a wrong mask would move.
 
@@ -61,19 +64,25 @@ def site_cases(draw):
     clipped = draw(st.booleans())
     scale = draw(st.sampled_from(["none", "number", "tensor"]))
     shift = draw(st.sampled_from(["none", "number", "tensor"]))
+    out_scale = draw(st.sampled_from(["none", "number", "tensor"]))
+    out_shift = draw(st.sampled_from(["none", "number", "tensor"]))
     rule = draw(st.sampled_from(["ste", "ewgs"]))
     delta = draw(st.sampled_from([0.0, 1e-3, 0.5, 7.0])) if rule == "ewgs" else 0.0
     size = draw(st.integers(2, 700))
     seed = draw(st.integers(0, 2**31 - 1))
-    return dtype, steps, clipped, scale, shift, rule, delta, size, seed
+    affine = (scale, shift, out_scale, out_shift)
+    return dtype, steps, clipped, affine, rule, delta, size, seed
 
 
 def run(case, device: str, on: bool):
-    """Levels and gradients of x, scale and shift through one site."""
-    dtype, steps, clipped, scale_kind, shift_kind, rule, delta, size, seed = case
+    """Output and gradients of x, scale, shift, out_scale and out_shift through one site."""
+    dtype, steps, clipped, affine_kinds, rule, delta, size, seed = case
+    scale_kind, shift_kind, out_scale_kind, out_shift_kind = affine_kinds
     generator = torch.Generator().manual_seed(seed)
     scale_value = 0.3 + 3 * float(torch.rand((), generator=generator, dtype=torch.float64))
     shift_value = float(torch.randn((), generator=generator, dtype=torch.float64))
+    out_scale_value = 0.1 + 2 * float(torch.rand((), generator=generator, dtype=torch.float64))
+    out_shift_value = float(torch.randn((), generator=generator, dtype=torch.float64))
     scale_used = 1.0 if scale_kind == "none" else scale_value
     shift_used = 0.0 if shift_kind == "none" else shift_value
     # x such that the latent spans the range and a fifth beyond each side
@@ -90,40 +99,46 @@ def run(case, device: str, on: bool):
         return torch.tensor(value, dtype=dtype, device=device, requires_grad=True)
 
     scale, shift = make(scale_kind, scale_value), make(shift_kind, shift_value)
+    out_scale = make(out_scale_kind, out_scale_value)
+    out_shift = make(out_shift_kind, out_shift_value)
+    out_scale_used = 1.0 if out_scale_kind == "none" else out_scale_value
     backward = StraightThrough() if rule == "ste" else ElementWiseGradientScaling()
     site = RoundSite(backward, delta).to(device)
     bounds = (0.0, float(steps)) if clipped else ()
     with fused_everywhere(on):
-        levels = site(x, steps, *bounds, scale=scale, shift=shift)
-        levels.backward(grad)
-    grads = [t.grad if isinstance(t, torch.Tensor) else None for t in (x, scale, shift)]
-    return levels.detach(), grads, grad, x.detach(), scale_used, -delta / steps
+        values = site(
+            x, steps, *bounds, scale=scale, shift=shift, out_scale=out_scale, out_shift=out_shift
+        )
+        values.backward(grad)
+    inputs = (x, scale, shift, out_scale, out_shift)
+    grads = [t.grad if isinstance(t, torch.Tensor) else None for t in inputs]
+    levels = site(x.detach(), steps, *bounds, scale=scale, shift=shift).detach()
+    used = (scale_used, out_scale_used)
+    return values.detach(), grads, grad, x.detach(), levels, used, -delta / steps
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(case=site_cases())
 def test_fused_kernels_compute_the_general_paths_values(device, case):
-    dtype, steps, clipped, scale_kind, shift_kind, rule, delta, size, seed = case
-    levels, (grad_x, grad_scale, grad_shift), grad, x, scale, factor = run(case, device, True)
-    expected_levels, (want_x, want_scale, want_shift), *_ = run(case, device, False)
-    assert torch.equal(levels, expected_levels)
+    dtype, steps, clipped, affine_kinds, rule, delta, size, seed = case
+    values, grads, grad, x, levels, (scale, out_scale), factor = run(case, device, True)
+    expected_values, wants, *_ = run(case, device, False)
+    assert torch.equal(values, expected_values)
     eps = torch.finfo(dtype).eps
     if rule == "ste" or delta == 0.0:
-        assert torch.equal(grad_x, want_x)
+        assert torch.equal(grads[0], wants[0])
     else:
-        bound = 2 * eps * grad.abs() * (1 + abs(factor)) * scale
-        assert ((grad_x - want_x).abs() <= bound).all()
-    grad_latent = want_x.abs() / scale  # |the latent's gradient|, elementwise
+        bound = 2 * eps * grad.abs() * abs(out_scale) * (1 + abs(factor)) * scale
+        assert ((grads[0] - wants[0]).abs() <= bound).all()
+    grad_latent = wants[0].abs() / scale  # |the latent's gradient|, elementwise
     tolerance = 8 * math.sqrt(size) * eps
-    for got, want, terms in (
-        (grad_scale, want_scale, grad_latent * x.abs()),
-        (grad_shift, want_shift, grad_latent),
-    ):
+    terms = (grad_latent * x.abs(), grad_latent, (grad * levels).abs(), grad.abs())
+    for got, want, term in zip(grads[1:], wants[1:], terms):
         if want is None:
             assert got is None
             continue
-        assert abs(float(got - want)) <= tolerance * float(terms.sum())
+        assert abs(float(got - want)) <= tolerance * float(term.sum())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -386,11 +386,24 @@ def recording_identity_site(calls: list[tuple]):
     bounds) and does NOT round (it only clips): if a method rounded anywhere else, its
     output would still be discrete."""
 
-    def forward(site, x, steps, low=None, high=None, *, scale=None, shift=None):
+    def forward(
+        site,
+        x,
+        steps,
+        low=None,
+        high=None,
+        *,
+        scale=None,
+        shift=None,
+        out_scale=None,
+        out_shift=None,
+    ):
         calls.append((id(site), steps, low, high))
         latent = x if scale is None else x * scale
         latent = latent if shift is None else latent + shift
-        return latent if low is None else torch.clamp(latent, low, high)
+        clipped = latent if low is None else torch.clamp(latent, low, high)
+        values = clipped if out_scale is None else clipped * out_scale
+        return values if out_shift is None else values + out_shift
 
     return forward
 

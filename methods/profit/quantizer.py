@@ -74,18 +74,20 @@ class ProfitQuantizer(SignFromFirstBatch):
 
     def quantize(self, x: Tensor) -> Tensor:
         # The scalars (1/a, 1/n, c) are folded before they meet x: the site's affine
-        # part on one side, one multiply on the other, e.g. round(x · (n / a)) · (c / n).
+        # part on one side, its output affine on the other, e.g. round(x · (n / a)) ·
+        # (c / n), both fused with the clip and round.
         a, c = F.softplus(self.a), F.softplus(self.c)
         if not self.is_signed:  # hardtanh(x/a, 0, 1) on 2^b levels
             steps = 2**self.bits - 1
-            levels = self.round_site(x, steps, 0.0, float(steps), scale=steps / a)
-            return levels * (c / steps)
-        if self.bits == 1:  # binary: (hardtanh(x/a) + 1)/2 rounded to {0, 1}, then ±1
-            levels = self.round_site(x, 1, 0.0, 1.0, scale=0.5 / a, shift=0.5)
-            return levels * (2.0 * c) - c
+            return self.round_site(
+                x, steps, 0.0, float(steps), scale=steps / a, out_scale=c / steps
+            )
+        if self.bits == 1:  # binary: (hardtanh(x/a) + 1)/2 rounded to {0, 1}, then ±c
+            return self.round_site(
+                x, 1, 0.0, 1.0, scale=0.5 / a, shift=0.5, out_scale=2.0 * c, out_shift=-c
+            )
         n = 2 ** (self.bits - 1) - 1  # hardtanh(x/a) on ±n levels, n = 2^(b-1) - 1
-        levels = self.round_site(x, 2 * n, float(-n), float(n), scale=n / a)
-        return levels * (c / n)
+        return self.round_site(x, 2 * n, float(-n), float(n), scale=n / a, out_scale=c / n)
 
     @torch.no_grad()
     def integer_map(self) -> IntegerMap:
