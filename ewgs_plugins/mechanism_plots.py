@@ -24,6 +24,12 @@ PLOTTED = (
 )
 
 
+def arm_label(name: str) -> str:
+    """A run directory's name without its seed label: ``ewgs-paper`` for
+    ``ewgs-paper-seed0`` and for ``seed0-ewgs-paper``."""
+    return "-".join(part for part in name.split("-") if not re.fullmatch(r"seed\d+", part))
+
+
 def mean_curves(run_dirs: Sequence[Path], key: str) -> dict[str, tuple[list[int], list[float]]]:
     """Per layer: (epochs counted from 1, ``key`` averaged over the runs) for the epochs
     every run has; layers or epochs where ``key`` is null are left out."""
@@ -113,7 +119,7 @@ def plot_mechanism_runs(runs: Sequence[RunResult], directory: Path) -> list[Path
             groups.setdefault((run.backward, setting(run)), []).append(run)
         columns: dict[str, list[Path]] = {}
         for (backward, setting), group in groups.items():
-            names = {re.sub(r"(^|-)seed\d+", "", run.path.name) for run in group}
+            names = {arm_label(run.path.name) for run in group}
             label = names.pop() if len(names) == 1 else ""
             if not label or label in columns:
                 label = " ".join(filter(None, [backward.upper(), setting]))

@@ -54,6 +54,19 @@ def git_state() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status)}
 
 
+#: git_state() per source tree as this process first read it (see ``code_git_state``)
+_FIRST_GIT_STATE: dict[Path, dict[str, Any] | None] = {}
+
+
+def code_git_state() -> dict[str, Any] | None:
+    """``git_state()`` as this process first read it: the code a process runs is what it
+    imported when it started, so a commit made while it trains (a long ``compare``) must
+    not be recorded for its later runs."""
+    if SOURCE not in _FIRST_GIT_STATE:
+        _FIRST_GIT_STATE[SOURCE] = git_state()
+    return _FIRST_GIT_STATE[SOURCE]
+
+
 def _distribution_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -84,7 +97,7 @@ def collect(device: torch.device | str) -> dict[str, Any]:
         "command": list(sys.argv),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
-        "git": git_state(),
+        "git": code_git_state(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -140,9 +140,11 @@ def varying_keys(runs: Sequence[RunResult]) -> list[str]:
 
 
 def row_key(run: RunResult, keys: Sequence[str]) -> tuple[str, str, str]:
-    """(method, bits, the other varying keys as ``key=value, ...``): a row of the tables."""
+    """(method, bits, the other varying keys as ``key=value, ...``): a row of the tables.
+    A key the run's recipe does not set (``None``: a δ option of another estimator, say)
+    is left out."""
     flat = flatten(run.recipe)
-    others = ", ".join(f"{k}={flat.get(k)}" for k in keys)
+    others = ", ".join(f"{k}={flat[k]}" for k in keys if flat.get(k) is not None)
     return run.method, run.bits, others
 
 

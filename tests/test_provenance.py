@@ -106,6 +106,21 @@ def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path, monkeypatch):
     assert provenance.git_state() is None
 
 
+def test_a_process_records_the_commit_it_started_from_for_all_its_runs(tmp_path, monkeypatch):
+    # a long compare imported its code at the start: a commit made meanwhile is not its code
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path)
+    monkeypatch.setattr(provenance, "_FIRST_GIT_STATE", {})
+    git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git(tmp_path, "add", "code.py")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    first = provenance.collect("cpu")["git"]
+    (tmp_path / "code.py").write_text("x = 2\n")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")
+    assert provenance.git_state()["commit"] != first["commit"]
+    assert provenance.collect("cpu")["git"] == first == {"commit": first["commit"], "dirty": False}
+
+
 def test_report_warns_when_runs_come_from_different_code_versions(finished_run, tmp_path, capsys):
     comparison = tmp_path / "comparison"
     for name in ("a", "b", "c"):

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ewgs_plugins import cli, rundir
+from ewgs_plugins.mechanism_plots import arm_label
 from ewgs_plugins.pairing import analyse
 from ewgs_plugins.report import write_report
 from ewgs_plugins.report_plots import curve_lines, mean_curve
@@ -422,6 +423,26 @@ def test_one_ste_run_per_seed_is_the_baseline_of_every_delta_arm(tmp_path, capsy
     for group in summary["groups"]:
         (comparison,) = group["comparisons"]
         assert [p["runs"]["ste"] for p in comparison["pairs"]] == ste
+
+
+def test_a_row_label_names_only_the_settings_its_runs_have(tmp_path):
+    # the fixed arm has no δ schedule: its label does not list the schedule's keys as None
+    for seed in range(2):
+        write_run(tmp_path, f"seed{seed}-ste", "ste", seed, 50.0, delta=HESSIAN)
+        for arm, (delta, gain) in ARMS.items():
+            write_run(tmp_path, f"seed{seed}-ewgs-{arm}", "ewgs", seed, 50.0 + gain, delta=delta)
+    labels = sorted(group.label for group in analyse(find_runs(tmp_path)).groups)
+    assert labels == [
+        "delta.name=fixed, delta.options.value=0.001",
+        "delta.name=hessian, delta.options.before_training=True, delta.options.every=1, "
+        "delta.options.samples=3",
+        "delta.name=hessian, delta.options.every=1, delta.options.samples=3",
+    ]
+    assert [arm_label(name) for name in ("seed0-ewgs-paper", "ewgs-paper-seed12")] == [
+        "ewgs-paper",
+        "ewgs-paper",
+    ]
+    assert arm_label("seed3") == "" and arm_label("seeds-ewgs") == "seeds-ewgs"
 
 
 def test_an_ste_run_pairs_across_delta_only(tmp_path, capsys):
