@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ewgs_plugins.quant import Quantizer
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
 
 
@@ -49,3 +51,32 @@ def test_bench_writes_ratios_hessian_cost_and_verdicts(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "EWGS/STE" in printed and "time_vs_fp <= 1.5" in printed
     assert "time_ste_vs_fp <= 1.2" in printed and "process clock" in printed
+
+
+def test_the_overhead_breakdown_switches_quantizers_off_and_reports_each_part(tmp_path, capsys):
+    path = BENCH.with_name("overhead_breakdown.py")
+    spec = importlib.util.spec_from_file_location("bench_overhead_breakdown", path)
+    assert spec is not None and spec.loader is not None
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    out = tmp_path / "breakdown.json"
+    argv = ["--batch", "2", "--repeats", "1", "--steps", "1", "--warmup", "0"]
+    argv += ["--methods", "lsq", "--clock", "process", "--json", str(out)]
+    assert breakdown.main(argv) == 0
+    ratios = json.loads(out.read_text())["ratios_vs_fp"]["lsq"]
+    assert list(ratios) == ["all", "weights", "inputs", "none"]
+    assert all(r["min"] <= r["median"] <= r["max"] for r in ratios.values())
+    assert "inputs on" in capsys.readouterr().out
+    # the switch itself: only the named quantizers keep their bits
+    model = breakdown.train_step.quantize_model(
+        breakdown.train_step.registry().create("model", "resnet20", {}),
+        "lsq",
+        weight_bits=4,
+        activation_bits=4,
+    )
+    breakdown.keep_only(model, ("input_quantizer",))
+    quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    assert {name.rsplit(".", 1)[-1]: m.bits for name, m in quantizers} == {
+        "weight_quantizer": 32,
+        "input_quantizer": 4,
+    }
