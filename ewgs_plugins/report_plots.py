@@ -95,14 +95,18 @@ def plot_curves(runs: Sequence[RunResult], method: str, path: Path) -> Path:
     """Training loss and test top-1 per epoch (``curve_lines``): STE dashed, EWGS solid."""
     from matplotlib.ticker import MaxNLocator
 
-    figure, (loss_axis, top1_axis) = _figure(11, 4, 2)
-    for line in curve_lines(runs, method):
+    lines = curve_lines(runs, method)
+    # the legend goes below both axes: a study's settings labels are long
+    figure, (loss_axis, top1_axis) = _figure(11, 4 + 0.22 * len(lines), 2)
+    for line in lines:
         style = _STYLES.get(line.backward, ":")
         for axis, values in ((loss_axis, line.train_loss), (top1_axis, line.test_top1)):
             axis.plot(line.epochs, values, style, color=line.color, label=line.label)
     loss_axis.set(title=f"{method}: training loss", xlabel="epoch", ylabel="loss")
     top1_axis.set(title=f"{method}: test top-1", xlabel="epoch", ylabel="top-1 (%)")
-    top1_axis.legend(fontsize="small")
+    figure.legend(
+        *loss_axis.get_legend_handles_labels(), loc="outside lower center", fontsize="small"
+    )
     for axis in (loss_axis, top1_axis):
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
