@@ -12,12 +12,11 @@ called on flat contiguous tensors. Every value stays in registers, so EWGS's
 backward reads and writes exactly what STE's does: the same memory traffic.
 
 The formulas are plain torch ops, so where compiling fails (no C++ compiler, say)
-they run eagerly instead, after one warning. Inside a ``torch.compile``d model each
-kernel call is one op of the graph (``ewgs_plugins::round_site_kernel``), which runs
-the same kernel. The site takes its general path (the rule's own ``latent_gradient``,
-differentiable) for a plugin rule, for second derivatives (``create_graph``), under
-TorchScript/ONNX tracing, for tensors too small to gain (a kernel call costs ~20 µs on
-a CPU) and where ``set_enabled(False)`` says so.
+they run eagerly instead, after one warning. The site takes its general path (the
+rule's own ``latent_gradient``, differentiable) for a plugin rule, for second
+derivatives (``create_graph``), under ``torch.compile`` of the model (which fuses
+the general path itself), for tensors too small to gain (a kernel call costs ~20 µs
+on a CPU) and where ``set_enabled(False)`` says so.
 """
 
 from __future__ import annotations
