@@ -169,12 +169,9 @@ MAX_CONSTANTS = 4096
 
 def constant(value: float | Tensor, like: Tensor) -> Tensor:
     """``value`` as a detached 0-d tensor of ``like``'s dtype and device (a Python
-    number becomes a tensor once, memoised; under ``torch.compile`` a constant of the
-    graph)."""
+    number becomes a tensor once, memoised)."""
     if isinstance(value, Tensor):
         return value.detach()
-    if torch.compiler.is_compiling():
-        return torch.full((), float(value), dtype=like.dtype, device=like.device)
     if len(_constants) >= MAX_CONSTANTS:
         _constants.clear()
     value = float(value)
@@ -186,9 +183,8 @@ def constant(value: float | Tensor, like: Tensor) -> Tensor:
 
 def applies(x: Tensor, *scalars: float | Tensor) -> bool:
     """Whether a kernel may run on ``x`` (and scalars that are numbers or 0-d tensors
-    on x's device): enabled, not traced for TorchScript or ONNX, big enough, contiguous,
-    a kernel dtype."""
-    if not _enabled or torch.jit.is_tracing():
+    on x's device): enabled, eager, big enough, contiguous, a kernel dtype."""
+    if not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if x.numel() < MIN_NUMEL or x.dtype not in DTYPES or not x.is_contiguous():
         return False
@@ -198,35 +194,9 @@ def applies(x: Tensor, *scalars: float | Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("ewgs_plugins::round_site_kernel", mutates_args=())
-def _kernel_op(kind: str, args: list[Tensor]) -> list[Tensor]:
-    """A kernel as one op of a ``torch.compile``d model's graph: the graph calls the
-    same compiled kernel eager mode calls, so EWGS's backward moves the bytes STE's
-    does there too (inductor, left to itself, recomputes the EWGS term in every
-    reduction of the site's backward)."""
-    result = _run_kernel(kind, *args)
-    return list(result) if isinstance(result, tuple) else [result]
-
-
-@_kernel_op.register_fake
-def _(kind: str, args: list[Tensor]) -> list[Tensor]:
-    flat = args[0]  # x for a forward, the output's gradient (x's shape) for a backward
-    if kind.startswith("forward"):
-        return [torch.empty_like(flat)]
-    return [torch.empty_like(flat)] + [flat.new_empty(()) for _ in range(4)]
-
-
 def run(kind: str, *args: Any) -> Any:
     """Run formula ``kind`` (tensors flattened by the caller) as its compiled kernel;
-    eagerly where compiling failed on this device. Inside a ``torch.compile``d model it
-    is one op of the graph (``_kernel_op``)."""
-    if torch.compiler.is_compiling():
-        result = _kernel_op(kind, list(args))
-        return result[0] if kind.startswith("forward") else tuple(result)
-    return _run_kernel(kind, *args)
-
-
-def _run_kernel(kind: str, *args: Any) -> Any:
+    eagerly where compiling failed on this device."""
     device = next(a.device.type for a in args if isinstance(a, Tensor))
     formula = FORMULAS[kind]
     if (kind, device) in _failed:

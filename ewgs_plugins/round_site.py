@@ -74,12 +74,11 @@ def level_values(
 
 
 def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str | None:
-    """The fused backward for ``rule`` (exactly a built-in rule): "ste" (EWGS at δ = 0
-    too, so it stays STE bit for bit), "ewgs" (also when δ is known only as a tensor,
-    compiled), or None."""
+    """The fused backward for ``rule`` (exactly a built-in rule, δ known as a number):
+    "ste" (EWGS at δ = 0 too, so it stays STE bit for bit), "ewgs", or None."""
     if type(rule) is StraightThrough:
         return "ste"
-    if type(rule) is ElementWiseGradientScaling:
+    if type(rule) is ElementWiseGradientScaling and delta_value is not None:
         return "ste" if delta_value == 0.0 else "ewgs"
     return None
 
@@ -156,9 +155,8 @@ class _RoundFunction(torch.autograd.Function):
             flat_grad = grad.contiguous().view(-1)  # (an expanded gradient, of a sum, say)
             scalars = _fused_scalars(x, *affine)
             args: tuple = (flat_grad, x.view(-1), *scalars[:3])  # out_shift: not needed
-            if kind == "ewgs":  # EWGS's factor: -δ/steps (compiled, from the δ tensor)
-                factor = -ctx.delta_value if ctx.delta_value is not None else -delta.to(x.dtype)
-                args += (fused.constant(factor / ctx.steps, x),)
+            if kind == "ewgs":
+                args += (fused.constant(-ctx.delta_value / ctx.steps, x),)  # EWGS: -δ/steps
             if ctx.low is not None:
                 below, above = _open_bounds(ctx.low, ctx.high, x.dtype)
                 args += tuple(fused.constant(b, x) for b in (below, above, ctx.low, ctx.high))
