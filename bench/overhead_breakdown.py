@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     batch = train_step.make_batch(suite, batch_size, device, seed=0)
 
     variants = [train_step.Variant("fp", None, None)]
+    train_step.build(suite, variants[0], batch, args)
     for method in args.methods:
         for part, kept in PARTS.items():
             variant = train_step.Variant(f"{method}/{part}", method, "ste")
             train_step.build(suite, variant, batch, args)
             keep_only(variant.model, kept)
             variants.append(variant)
-    train_step.build(suite, variants[0], batch, args)
     for variant in variants:
         for _ in range(args.warmup):
             train_step.train_step(variant, batch)

@@ -94,6 +94,27 @@ def _gradients(
     )
 
 
+def _ewgs(grad: Tensor, latent: Tensor, factor: Tensor) -> Tensor:
+    """EWGS's gradient of the latent (Eq. 4), ``factor`` = -δ/steps."""
+    return grad + (factor * grad.abs()) * (torch.round(latent) - latent)
+
+
+def _clipped_gradients(
+    grad_latent: Tensor,
+    grad_out: Tensor,
+    latent: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    bounds: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> tuple[Tensor, ...]:
+    """The clip's gradient (none outside ``(below, above)``) applied to the latent's
+    gradient, then the five gradients, the levels recomputed inside ``[low, high]``."""
+    below, above, low, high = bounds
+    levels = torch.clamp(latent, low, high).round()
+    inside = torch.where((latent <= below) | (latent >= above), 0.0, grad_latent)
+    return _gradients(inside, grad_out, levels, x, scale)
+
+
 def _backward_ste_clipped(
     grad_out: Tensor,
     x: Tensor,
@@ -106,10 +127,8 @@ def _backward_ste_clipped(
     high: Tensor,
 ) -> tuple[Tensor, ...]:
     latent = x * scale + shift
-    levels = torch.clamp(latent, low, high).round()
-    grad = grad_out * out_scale
-    inside = torch.where((latent <= below) | (latent >= above), 0.0, grad)
-    return _gradients(inside, grad_out, levels, x, scale)
+    bounds = (below, above, low, high)
+    return _clipped_gradients(grad_out * out_scale, grad_out, latent, x, scale, bounds)
 
 
 def _backward_ewgs_clipped(
@@ -125,11 +144,9 @@ def _backward_ewgs_clipped(
     high: Tensor,
 ) -> tuple[Tensor, ...]:
     latent = x * scale + shift
-    levels = torch.clamp(latent, low, high).round()
-    grad = grad_out * out_scale
-    scaled = grad + (factor * grad.abs()) * (torch.round(latent) - latent)
-    inside = torch.where((latent <= below) | (latent >= above), 0.0, scaled)
-    return _gradients(inside, grad_out, levels, x, scale)
+    scaled = _ewgs(grad_out * out_scale, latent, factor)
+    bounds = (below, above, low, high)
+    return _clipped_gradients(scaled, grad_out, latent, x, scale, bounds)
 
 
 def _backward_ste_free(
@@ -143,10 +160,8 @@ def _backward_ewgs_free(
     grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, out_scale: Tensor, factor: Tensor
 ) -> tuple[Tensor, ...]:
     latent = x * scale + shift
-    levels = torch.round(latent)
-    grad = grad_out * out_scale
-    scaled = grad + (factor * grad.abs()) * (levels - latent)
-    return _gradients(scaled, grad_out, levels, x, scale)
+    scaled = _ewgs(grad_out * out_scale, latent, factor)
+    return _gradients(scaled, grad_out, torch.round(latent), x, scale)
 
 
 FORMULAS: dict[str, Callable[..., Any]] = {

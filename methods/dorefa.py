@@ -43,10 +43,14 @@ class DorefaWeightQuantizer(Quantizer):
         # w_n · steps = t · steps / (2 max|t|) + steps / 2, in [0, steps] by construction;
         # the site gets its affine form and keeps t, which tanh keeps for its own gradient.
         scale = steps / (2.0 * t.abs().max().clamp_min(MIN_MAX))
-        # the values 2 · levels / steps − 1 as the site's output affine (fused)
+        out_scale, out_shift = self._values()
         return self.round_site(
-            t, steps, scale=scale, shift=steps / 2.0, out_scale=2.0 / steps, out_shift=-1.0
+            t, steps, scale=scale, shift=steps / 2.0, out_scale=out_scale, out_shift=out_shift
         )
+
+    def _values(self) -> tuple[float, float]:
+        """The levels' values ``2 · levels / steps − 1`` as the site's output affine."""
+        return 2.0 / (2**self.bits - 1), -1.0
 
     def integer_map(self) -> IntegerMap:
         """Codes ``k = 0 .. steps``, values ``2 (k / steps) − 1``: scale ``2 / steps``,
@@ -55,8 +59,7 @@ class DorefaWeightQuantizer(Quantizer):
         return IntegerMap(torch.tensor(2.0 / steps), torch.tensor(steps / 2.0), 0, steps)
 
     def dequantize(self, codes: Tensor) -> Tensor:
-        steps = 2**self.bits - 1  # the forward's output affine
-        return level_values(codes.to(torch.float32), 2.0 / steps, -1.0)
+        return level_values(codes.to(torch.float32), *self._values())  # the forward's
 
 
 class DorefaActivationQuantizer(Quantizer):
