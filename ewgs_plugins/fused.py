@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -173,24 +174,26 @@ FORMULAS: dict[str, Callable[..., Any]] = {
     "ewgs_free": _backward_ewgs_free,
 }
 
-_compiled: dict[str, Callable[..., Any]] = {}
+_compiled: dict[tuple[str, tuple[bool, ...] | None], Callable[..., Any]] = {}
 _failed: set[tuple[str, str]] = set()
-_constants: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
+_constants: dict[tuple[str, float, float, torch.dtype, torch.device], Tensor] = {}
 
 
 #: Memoised constants kept at most (δ/steps takes a new value at every δ estimate).
 MAX_CONSTANTS = 4096
 
 
-def constant(value: float | Tensor, like: Tensor) -> Tensor:
-    """``value`` as a detached 0-d tensor of ``like``'s dtype and device (a Python
-    number becomes a tensor once, memoised)."""
+def constant(value: float | Tensor, like: Tensor, slot: str) -> Tensor:
+    """``value`` as a detached 0-d tensor of ``like``'s dtype and device, for the kernel
+    argument ``slot`` (a Python number becomes a tensor once, memoised per slot: equal
+    numbers in two slots, a scale and a bound both 15, say, are two tensors, since
+    arguments that alias each other compile to a kernel of their own)."""
     if isinstance(value, Tensor):
         return value.detach()
     if len(_constants) >= MAX_CONSTANTS:
         _constants.clear()
     value = float(value)
-    key = (value, math.copysign(1.0, value), like.dtype, like.device)  # -0.0 is not 0.0
+    key = (slot, value, math.copysign(1.0, value), like.dtype, like.device)  # -0.0 != 0.0
     if key not in _constants:
         _constants[key] = torch.tensor(float(value), dtype=like.dtype, device=like.device)
     return _constants[key]
@@ -209,17 +212,45 @@ def applies(x: Tensor, *scalars: float | Tensor) -> bool:
     )
 
 
-def run(kind: str, *args: Any) -> Any:
+def flat(tensor: Tensor) -> Tensor:
+    """``tensor`` (contiguous) as a 1-d kernel argument: an alias with no view base
+    and no ``requires_grad`` (the compiled kernel would otherwise guard on the base's
+    sizes and on the flag, and compile again for each)."""
+    return tensor.view(-1).detach()
+
+
+def _selecting(formula: Callable[..., Any], wanted: tuple[bool, ...]) -> Callable[..., Any]:
+    """``formula`` returning only the outputs ``wanted`` marks: compiled, the others are
+    never computed (a sum nobody needs is a pass's worth of work in the kernel)."""
+
+    def selected(*args: Any) -> tuple[Tensor, ...]:
+        return tuple(out for out, keep in zip(formula(*args), wanted, strict=True) if keep)
+
+    # Dynamo keeps its compiled graphs per code object, at most 8 each: every subset gets
+    # a code object of its own, or the subsets would evict each other (and run eagerly).
+    name = f"{formula.__name__}_{''.join('1' if keep else '0' for keep in wanted)}"
+    code = selected.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, selected.__globals__, name, None, selected.__closure__)
+
+
+def _compile(formula: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(formula, dynamic=True, fullgraph=True)
+
+
+def run(kind: str, *args: Any, wanted: tuple[bool, ...] | None = None) -> Any:
     """Run formula ``kind`` (tensors flattened by the caller) as its compiled kernel;
-    eagerly where compiling failed on this device."""
+    eagerly where compiling failed on this device. A backward formula's outputs (the
+    gradients of x, scale, shift, out_scale, out_shift) can be limited to those
+    ``wanted`` marks, each kept subset its own kernel."""
     device = next(a.device.type for a in args if isinstance(a, Tensor))
-    formula = FORMULAS[kind]
+    formula = FORMULAS[kind] if wanted is None else _selecting(FORMULAS[kind], wanted)
     if (kind, device) in _failed:
         return formula(*args)
-    if kind not in _compiled:
-        _compiled[kind] = torch.compile(formula, dynamic=True, fullgraph=True)
+    key = (kind, wanted)
+    if key not in _compiled:
+        _compiled[key] = _compile(formula)
     try:
-        return _compiled[kind](*args)
+        return _compiled[key](*args)
     except Exception as error:  # a compiler missing or failing: the same formula, eager
         _failed.add((kind, device))
         warnings.warn(

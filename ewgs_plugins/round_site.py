@@ -88,9 +88,10 @@ def _fused_scalars(x: Tensor, *affine: float | Tensor | None) -> tuple[Tensor, .
     absent scale is 1 and an absent shift -0.0, which leave every value as it is
     (v · 1 = v and v + (-0.0) = v, -0.0 included)."""
     scale, shift, out_scale, out_shift = affine
+    slots = (("scale", scale, 1.0), ("shift", shift, -0.0))
+    slots += (("out_scale", out_scale, 1.0), ("out_shift", out_shift, -0.0))
     return tuple(
-        fused.constant(absent if value is None else value, x)
-        for value, absent in ((scale, 1.0), (shift, -0.0), (out_scale, 1.0), (out_shift, -0.0))
+        fused.constant(absent if value is None else value, x, slot) for slot, value, absent in slots
     )
 
 
@@ -127,10 +128,10 @@ class _RoundFunction(torch.autograd.Function):
         ctx.steps, ctx.low, ctx.high, ctx.rule = steps, low, high, rule
         ctx.delta_value = delta_value
         if fused.applies(x, *affine):
-            args = (x.view(-1), *_fused_scalars(x, *affine))
+            args = (fused.flat(x), *_fused_scalars(x, *affine))
             if low is None:
                 return fused.run("forward_free", *args).view_as(x)
-            bounds = fused.constant(low, x), fused.constant(high, x)
+            bounds = fused.constant(low, x, "low"), fused.constant(high, x, "high")
             return fused.run("forward_clipped", *args, *bounds).view_as(x)
         latent = affine_latent(x, scale, shift)
         if low is None:
@@ -147,23 +148,26 @@ class _RoundFunction(torch.autograd.Function):
         kind = _fused_backward_kind(ctx.rule, ctx.delta_value)
         if (
             kind is not None
+            and any(needs)
             and x is not None
             and not torch.is_grad_enabled()  # create_graph: the differentiable path
             and grad.dtype == x.dtype
             and fused.applies(x, *affine)
         ):
-            flat_grad = grad.contiguous().view(-1)  # (an expanded gradient, of a sum, say)
+            flat_grad = fused.flat(grad.contiguous())  # (an expanded gradient, of a sum, say)
             scalars = _fused_scalars(x, *affine)
-            args: tuple = (flat_grad, x.view(-1), *scalars[:3])  # out_shift: not needed
+            args: tuple = (flat_grad, fused.flat(x), *scalars[:3])  # out_shift: not needed
             if kind == "ewgs":
-                args += (fused.constant(-ctx.delta_value / ctx.steps, x),)  # EWGS: -δ/steps
+                args += (fused.constant(-ctx.delta_value / ctx.steps, x, "factor"),)  # -δ/steps
             if ctx.low is not None:
                 below, above = _open_bounds(ctx.low, ctx.high, x.dtype)
-                args += tuple(fused.constant(b, x) for b in (below, above, ctx.low, ctx.high))
+                bounds = {"below": below, "above": above, "low": ctx.low, "high": ctx.high}
+                args += tuple(fused.constant(b, x, slot) for slot, b in bounds.items())
             suffix = "_free" if ctx.low is None else "_clipped"
-            grad_x, *grad_scalars = fused.run(kind + suffix, *args)
-            grads = [grad_x.view_as(x) if needs[0] else None]
-            grads += [g if need else None for g, need in zip(grad_scalars, needs[1:])]
+            computed = iter(fused.run(kind + suffix, *args, wanted=tuple(needs)))
+            grads = [next(computed) if need else None for need in needs]
+            if grads[0] is not None:
+                grads[0] = grads[0].view_as(x)
             return (*grads,) + (None,) * 6
         return _general_backward(ctx, grad, x, delta, tensors, affine)
 

@@ -29,8 +29,15 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+from torch import nn
 
-from ewgs_plugins import ElementWiseGradientScaling, RoundSite, StraightThrough, fused
+from ewgs_plugins import (
+    ElementWiseGradientScaling,
+    RoundSite,
+    StraightThrough,
+    fused,
+    quantize_model,
+)
 
 DEVICES = [
     "cpu",
@@ -159,6 +166,68 @@ def test_fused_ewgs_at_zero_delta_is_ste_bit_for_bit(device, dtype):
     assert torch.equal(ste_scale, ewgs_scale)
 
 
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        (True, False, False, False, False),  # DoReFa's activations: constant affines
+        (False, True, False, True, False),  # a first layer's input (x needs no gradient)
+        (True, True, True, False, False),  # the interval quantizer: scale and shift learned
+    ],
+)
+def test_a_kernel_computes_only_the_gradients_asked_for(wanted):
+    generator = torch.Generator().manual_seed(5)
+    x0 = torch.rand(900, generator=generator) * 9 - 1
+    grad = torch.randn(900, generator=generator)
+    affine = {"scale": 1.3, "shift": -0.2, "out_scale": 0.4, "out_shift": 0.1}
+
+    def gradients(on: bool) -> list[torch.Tensor | None]:
+        x = x0.clone().requires_grad_(wanted[0])
+        tensors = {
+            k: torch.tensor(v, requires_grad=need)
+            for (k, v), need in zip(affine.items(), wanted[1:])
+        }
+        with fused_everywhere(on):
+            RoundSite(ElementWiseGradientScaling(), 0.3)(x, 7, 0.0, 7.0, **tensors).backward(grad)
+        return [t.grad for t in (x, *tensors.values())]
+
+    fused._compiled.pop(("ewgs_clipped", wanted), None)
+    got, want = gradients(True), gradients(False)
+    assert ("ewgs_clipped", wanted) in fused._compiled  # the kernel of exactly these outputs
+    for g, w, need in zip(got, want, wanted):
+        assert (g is None) == (w is None) == (not need)
+        if need:
+            torch.testing.assert_close(g, w)
+
+
+def test_every_kernel_compiles_once_whatever_the_shapes_flags_and_values():
+    # Each kernel is compiled for dynamic shapes: no size, no requires_grad flag, no view
+    # base and no two equal constants (a bound and a scale both 15, say) may make it
+    # compile again, or a run would pay the compile again and, past dynamo's 8 graphs per
+    # kernel, fall back to the plain ops.
+    torch._dynamo.reset()
+    fused._compiled.clear()
+    recompile_is_an_error = torch._dynamo.config.patch(error_on_recompile=True)
+    with fused_everywhere(), recompile_is_an_error, warnings.catch_warnings():
+        warnings.simplefilter("error")  # not the fallback to plain ops either
+        for method in ("interval", "dorefa", "lsq", "profit"):
+            model = nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)
+            )
+            quantize_model(
+                model,
+                method,
+                weight_bits=3,
+                activation_bits=3,
+                backward="ewgs",
+                delta=1e-2,
+                quantize_first_last=True,
+                inplace=True,
+            )
+            for shape in [(8, 3, 8, 8), (3, 3, 8, 8), (5, 3, 11, 9)]:
+                model(torch.randn(shape)).square().sum().backward()
+    assert len(fused._compiled) >= 4  # the forward and backward kernels ran
+
+
 def test_second_derivatives_take_the_differentiable_path():
     # create_graph: the site's backward runs in plain ops (the kernel is not
     # differentiable), so the Hessian δ estimate gets the same numbers either way.
@@ -182,7 +251,8 @@ def test_a_kernel_that_cannot_compile_runs_its_plain_ops_after_one_warning(monke
     def broken(*args: object) -> object:
         raise RuntimeError("no C++ compiler\nsecond line")
 
-    monkeypatch.setattr(fused, "_compiled", {kind: broken for kind in fused.FORMULAS})
+    monkeypatch.setattr(fused, "_compile", lambda formula: broken)
+    monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_failed", set())
     x0 = torch.linspace(-1.0, 8.0, 500)
     grad = torch.linspace(1.0, -1.0, 500)
