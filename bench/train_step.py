@@ -12,7 +12,10 @@ the table shows the median over repeats and the spread (min-max of the paired ra
 
 Memory: on CUDA the peak allocated memory of a training step; on CPU (no allocator
 statistics) the bytes autograd saves for the backward pass, which is where quantized
-training could cost memory over plain PyTorch.
+training could cost memory over plain PyTorch. ``faults``: minor page faults per step
+(the median over repeats); on a CPU, memory the C allocator returned to the OS and
+faults back in is a large, variable share of a step (glibc: see the README's
+benchmarks for ``MALLOC_TRIM_THRESHOLD_``).
 
 Hessian: the cost of one δ estimate in training-step units, at the suite's recipe
 settings (CIFAR-10: 3 batches of the training batch size; ImageNet: 10 batches of 16
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +91,7 @@ class Variant:
     step_model: Any = field(repr=False, default=None)  # the model a step calls (compiled?)
     optimizer: torch.optim.Optimizer = field(repr=False, default=None)  # type: ignore[assignment]
     times: list[float] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)  # minor page faults per step
     memory: float = 0.0
     deltas: dict[str, float] = field(default_factory=dict)
 
@@ -148,13 +153,27 @@ def train_step(variant: Variant, batch: tuple) -> None:
 clock = time.perf_counter
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not count them).
+    On a CPU they are a large share of a step: memory the allocator handed back to the
+    OS is faulted in again, page by page, when a new tensor reuses it."""
+    if sys.platform == "win32":
+        return 0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(variant: Variant, batch: tuple, steps: int, device: torch.device) -> float:
     synchronize(device)
+    faults = minor_faults()
     start = clock()
     for _ in range(steps):
         train_step(variant, batch)
     synchronize(device)
-    return (clock() - start) / steps
+    elapsed = clock() - start
+    variant.faults.append((minor_faults() - faults) / steps)
+    return elapsed / steps
 
 
 def saved_bytes(variant: Variant, batch: tuple) -> float:
@@ -273,6 +292,7 @@ def report(
             "variant": variant.label,
             "step_ms": statistics.median(variant.times) * 1e3,
             "step_ms_all": [t * 1e3 for t in variant.times],
+            "page_faults_per_step": statistics.median(variant.faults),
             "memory_mb": variant.memory / 2**20,
         }
         if variant.method is not None:
@@ -345,7 +365,7 @@ def print_table(result: dict, device: torch.device, args: argparse.Namespace) ->
     )
     header = (
         f"{'variant':<22}{'step ms':>9}{'Q/FP':>27}{'EWGS/STE':>27}"
-        f"{memory:>10}{'mem Q/FP':>9}{'mem E/S':>8}"
+        f"{memory:>10}{'mem Q/FP':>9}{'mem E/S':>8}{'faults':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -364,6 +384,7 @@ def print_table(result: dict, device: torch.device, args: argparse.Namespace) ->
             f"{row['variant']:<22}{row['step_ms']:>9.1f}{ratio(row, 'time_vs_fp'):>27}"
             f"{ratio(row, 'time_ewgs_vs_ste'):>27}{row['memory_mb']:>10.1f}"
             f"{number(row, 'memory_vs_fp'):>9}{number(row, 'memory_ewgs_vs_ste'):>8}"
+            f"{row['page_faults_per_step']:>8.0f}"
         )
     recipe = result["hessian_recipe"]
     print(
