@@ -13,9 +13,8 @@ the table shows the median over repeats and the spread (min-max of the paired ra
 Memory: on CUDA the peak allocated memory of a training step; on CPU (no allocator
 statistics) the bytes autograd saves for the backward pass, which is where quantized
 training could cost memory over plain PyTorch. ``faults``: minor page faults per step
-(the median over repeats); on a CPU, memory the C allocator returned to the OS and
-faults back in is a large, variable share of a step (glibc: see the README's
-benchmarks for ``MALLOC_TRIM_THRESHOLD_``).
+(the median over repeats): memory the C allocator handed back to the OS and faults in
+again costs a CPU step time that is not the code's (0 here means it played no part).
 
 Hessian: the cost of one δ estimate in training-step units, at the suite's recipe
 settings (CIFAR-10: 3 batches of the training batch size; ImageNet: 10 batches of 16
@@ -154,9 +153,7 @@ clock = time.perf_counter
 
 
 def minor_faults() -> int:
-    """Minor page faults of this process so far (0 where the OS does not count them).
-    On a CPU they are a large share of a step: memory the allocator handed back to the
-    OS is faulted in again, page by page, when a new tensor reuses it."""
+    """Minor page faults of this process so far (0 where the OS does not count them)."""
     if sys.platform == "win32":
         return 0
     import resource
