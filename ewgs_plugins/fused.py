@@ -174,7 +174,8 @@ FORMULAS: dict[str, Callable[..., Any]] = {
     "ewgs_free": _backward_ewgs_free,
 }
 
-_compiled: dict[tuple[str, tuple[bool, ...] | None], Callable[..., Any]] = {}
+#: (kind, wanted outputs) -> (the formula, its compiled kernel)
+_kernels: dict[tuple[str, tuple[bool, ...] | None], tuple[Callable[..., Any], Any]] = {}
 _failed: set[tuple[str, str]] = set()
 _constants: dict[tuple[str, float, float, torch.dtype, torch.device], Tensor] = {}
 
@@ -243,14 +244,15 @@ def run(kind: str, *args: Any, wanted: tuple[bool, ...] | None = None) -> Any:
     gradients of x, scale, shift, out_scale, out_shift) can be limited to those
     ``wanted`` marks, each kept subset its own kernel."""
     device = next(a.device.type for a in args if isinstance(a, Tensor))
-    formula = FORMULAS[kind] if wanted is None else _selecting(FORMULAS[kind], wanted)
+    key = (kind, wanted)
+    if key not in _kernels:
+        formula = FORMULAS[kind] if wanted is None else _selecting(FORMULAS[kind], wanted)
+        _kernels[key] = formula, _compile(formula)
+    formula, kernel = _kernels[key]
     if (kind, device) in _failed:
         return formula(*args)
-    key = (kind, wanted)
-    if key not in _compiled:
-        _compiled[key] = _compile(formula)
     try:
-        return _compiled[key](*args)
+        return kernel(*args)
     except Exception as error:  # a compiler missing or failing: the same formula, eager
         _failed.add((kind, device))
         warnings.warn(

@@ -190,9 +190,9 @@ def test_a_kernel_computes_only_the_gradients_asked_for(wanted):
             RoundSite(ElementWiseGradientScaling(), 0.3)(x, 7, 0.0, 7.0, **tensors).backward(grad)
         return [t.grad for t in (x, *tensors.values())]
 
-    fused._compiled.pop(("ewgs_clipped", wanted), None)
+    fused._kernels.pop(("ewgs_clipped", wanted), None)
     got, want = gradients(True), gradients(False)
-    assert ("ewgs_clipped", wanted) in fused._compiled  # the kernel of exactly these outputs
+    assert ("ewgs_clipped", wanted) in fused._kernels  # the kernel of exactly these outputs
     for g, w, need in zip(got, want, wanted):
         assert (g is None) == (w is None) == (not need)
         if need:
@@ -205,7 +205,7 @@ def test_every_kernel_compiles_once_whatever_the_shapes_flags_and_values():
     # compile again, or a run would pay the compile again and, past dynamo's 8 graphs per
     # kernel, fall back to the plain ops.
     torch._dynamo.reset()
-    fused._compiled.clear()
+    fused._kernels.clear()
     recompile_is_an_error = torch._dynamo.config.patch(error_on_recompile=True)
     with fused_everywhere(), recompile_is_an_error, warnings.catch_warnings():
         warnings.simplefilter("error")  # not the fallback to plain ops either
@@ -225,7 +225,7 @@ def test_every_kernel_compiles_once_whatever_the_shapes_flags_and_values():
             )
             for shape in [(8, 3, 8, 8), (3, 3, 8, 8), (5, 3, 11, 9)]:
                 model(torch.randn(shape)).square().sum().backward()
-    assert len(fused._compiled) >= 4  # the forward and backward kernels ran
+    assert len(fused._kernels) >= 4  # the forward and backward kernels ran
 
 
 def test_second_derivatives_take_the_differentiable_path():
@@ -252,7 +252,7 @@ def test_a_kernel_that_cannot_compile_runs_its_plain_ops_after_one_warning(monke
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(fused, "_compile", lambda formula: broken)
-    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_kernels", {})
     monkeypatch.setattr(fused, "_failed", set())
     x0 = torch.linspace(-1.0, 8.0, 500)
     grad = torch.linspace(1.0, -1.0, 500)
