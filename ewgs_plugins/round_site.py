@@ -83,15 +83,17 @@ def _fused_backward_kind(rule: BackwardRule, delta_value: float | None) -> str |
     return None
 
 
+#: The kernels' affine arguments in order, each with the value standing in for its absence
+_AFFINE_SLOTS = (("scale", 1.0), ("shift", -0.0), ("out_scale", 1.0), ("out_shift", -0.0))
+
+
 def _fused_scalars(x: Tensor, *affine: float | Tensor | None) -> tuple[Tensor, ...]:
-    """The kernels' ``scale``, ``shift``, ``out_scale``, ``out_shift``: 0-d tensors; an
-    absent scale is 1 and an absent shift -0.0, which leave every value as it is
-    (v · 1 = v and v + (-0.0) = v, -0.0 included)."""
-    scale, shift, out_scale, out_shift = affine
-    slots = (("scale", scale, 1.0), ("shift", shift, -0.0))
-    slots += (("out_scale", out_scale, 1.0), ("out_shift", out_shift, -0.0))
+    """The kernels' ``scale``, ``shift``, ``out_scale``, ``out_shift`` (as many as given,
+    in that order): 0-d tensors; an absent scale is 1 and an absent shift -0.0, which leave
+    every value as it is (v · 1 = v and v + (-0.0) = v, -0.0 included)."""
     return tuple(
-        fused.constant(absent if value is None else value, x, slot) for slot, value, absent in slots
+        fused.constant(absent if value is None else value, x, slot)
+        for (slot, absent), value in zip(_AFFINE_SLOTS, affine)
     )
 
 
@@ -155,8 +157,8 @@ class _RoundFunction(torch.autograd.Function):
             and fused.applies(x, *affine)
         ):
             flat_grad = fused.flat(grad.contiguous())  # (an expanded gradient, of a sum, say)
-            scalars = _fused_scalars(x, *affine)
-            args: tuple = (flat_grad, fused.flat(x), *scalars[:3])  # out_shift: not needed
+            scalars = _fused_scalars(x, scale, shift, out_scale)  # out_shift: not needed
+            args: tuple = (flat_grad, fused.flat(x), *scalars)
             if kind == "ewgs":
                 args += (fused.constant(-ctx.delta_value / ctx.steps, x, "factor"),)  # -δ/steps
             if ctx.low is not None:
