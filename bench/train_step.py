@@ -40,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ewgs_plugins import HessianDelta, fused, initialize_quantizers, quantize_model, registry
+from ewgs_plugins import (
+    HessianDelta,
+    fused,
+    host_memory,
+    initialize_quantizers,
+    quantize_model,
+    registry,
+)
 from ewgs_plugins.quant import set_deltas
 
 METHODS = ("interval", "dorefa", "lsq", "profit")
@@ -357,7 +364,8 @@ def print_table(result: dict, device: torch.device, args: argparse.Namespace) ->
         f"\n{result['suite']}: {result['model']}, batch {result['batch']}, W{args.bits}A"
         f"{args.bits}, {device}, {torch.get_num_threads()} threads"
         f"{', torch.compile' if args.compile else ''}"
-        f"{', fused kernels off' if args.no_fused else ''}, {args.clock} clock; ratios: median "
+        f"{', fused kernels off' if args.no_fused else ''}, {args.clock} clock, malloc "
+        f"{'keeps freed memory' if args.malloc_kept else 'as it comes'}; ratios: median "
         "[min-max] of the paired ratios over repeats, (fastest/fastest)"
     )
     header = (
@@ -438,9 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="round sites take their general path (plain torch ops), not the fused kernels",
     )
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it comes (ewgs train keeps freed memory for reuse: "
+        "ewgs_plugins.host_memory)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 step: a smoke run")
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
+    args.malloc_kept = not args.glibc_malloc and host_memory.keep_freed_memory()
     if args.quick:
         args.repeats, args.steps, args.warmup, args.hessian_repeats = 2, 1, 1, 1
     if args.threads:
@@ -464,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(),
                     "compile": args.compile,
                     "fused": not args.no_fused,
+                    "malloc_kept": args.malloc_kept,
                     "clock": args.clock,
                     "bits": args.bits,
                     "repeats": args.repeats,

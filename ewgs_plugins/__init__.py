@@ -5,6 +5,7 @@ from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, St
 from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
 from .errors import ConfigError, EwgsError, ExportError, PluginError, TrainingError
 from .hookspecs import hookimpl
+from .host_memory import keep_freed_memory
 from .quant import (
     IntegerMap,
     LayerOverride,
@@ -48,6 +49,7 @@ __all__ = [
     "estimate_hessian_deltas",
     "hookimpl",
     "initialize_quantizers",
+    "keep_freed_memory",
     "quantize_model",
     "quantized_layers",
     "register_plugin",

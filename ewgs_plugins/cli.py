@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import distributed, export, rundir
+from . import distributed, export, host_memory, rundir
 from .errors import ConfigError, EwgsError, TrainingError
 from .recipe import Run, load_recipe, load_runs
 from .registry import KINDS, load_registry
@@ -70,6 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume and finished:
             _say(f"{recipe.output}: the run has finished already; nothing to resume")
             return 0
+        host_memory.keep_freed_memory()
         Trainer(recipe, resume=args.resume).run()
     _say(f"run directory: {recipe.output}")
     return 0
@@ -96,6 +97,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
                 args.recipe,
             )
     stopped: list[str] = []
+    host_memory.keep_freed_memory()
     for index, (run, state) in enumerate(zip(runs, states), 1):
         label = run.name or str(base)
         if state:
