@@ -80,3 +80,18 @@ def test_the_overhead_breakdown_switches_quantizers_off_and_reports_each_part(tm
         "weight_quantizer": 32,
         "input_quantizer": 4,
     }
+
+
+def test_the_host_memory_bench_runs_each_malloc_setting_in_its_own_process(capsys):
+    path = BENCH.with_name("host_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_host_memory", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--batch", "2", "--repeats", "1", "--steps", "1", "--method", "lsq"]
+    assert bench.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["glibc", "kept"]
+    for row in rows:
+        fp_ms, quantized_ms, ratio = map(float, row[-5:-2])
+        assert ratio > 0 and fp_ms > 0 and quantized_ms > 0
