@@ -4,6 +4,7 @@ rounding is a plugin (STE, EWGS)."""
 from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, StraightThrough
 from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
 from .errors import ConfigError, EwgsError, ExportError, PluginError, TrainingError
+from .gradient_scale import scale_gradient
 from .hookspecs import hookimpl
 from .host_memory import keep_freed_memory
 from .quant import (
@@ -56,6 +57,7 @@ __all__ = [
     "registry",
     "reset_registry",
     "round_sites",
+    "scale_gradient",
     "set_backward",
     "set_deltas",
     "unregister_plugin",

@@ -42,28 +42,6 @@ class SignFromFirstBatch(Quantizer):
         return f"bits={self.bits}, {'signed' if self._signed else 'unsigned'}"
 
 
-class _ScaleGradient(torch.autograd.Function):
-    # Forward: the value itself, bit for bit. Backward: the gradient times ``scale``,
-    # with a differentiable op (second derivatives flow through it).
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad * ctx.scale, None
-
-    @staticmethod
-    def symbolic(g, x, scale):  # type: ignore[no-untyped-def]
-        return x  # in an ONNX graph (inference) it is the identity
-
-
-def scale_gradient(x: Tensor, scale: float) -> Tensor:
-    """``x`` unchanged in the forward; its gradient multiplied by ``scale``."""
-    return _ScaleGradient.apply(x, scale)
-
-
 def percentile(values: Tensor, q: float) -> float:
     """The ``q``-th percentile of ``values`` (linear interpolation between the two
     nearest ranks, as ``numpy.percentile`` and ``torch.quantile`` do). Works on tensors

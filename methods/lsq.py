@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewgs_plugins.gradient_scale import scale_gradient
 from ewgs_plugins.hookspecs import hookimpl
 from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
 
-from ._common import SignFromFirstBatch, scale_gradient
+from ._common import SignFromFirstBatch
 
 #: Smallest step the initialisation gives (a first batch of zeros has E|v| = 0).
 MIN_STEP = 1e-8
