@@ -43,8 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl
-from methods._common import scale_gradient
+from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, scale_gradient
 from methods.lsq import MIN_STEP, LsqQuantizer
 
 ActivationInit = Literal["mse", "minmax"]
@@ -123,8 +122,19 @@ class LsqPlusActivationQuantizer(Quantizer):
             features = x[0].numel() if x.dim() > 1 else x.numel()
             scale = 1.0 / math.sqrt(features * p)
             step, offset = scale_gradient(step, scale), scale_gradient(offset, scale)
-        latent = (x - offset) * step.reciprocal()
-        return self.round_site(latent, p - n, float(n), float(p)) * step + offset
+        # (x − β)/s as the site's affine x·(1/s) − β/s, and x̄·s + β as its output affine:
+        # one fused pass over x, and only x is kept for the backward.
+        inverse = step.reciprocal()
+        return self.round_site(
+            x,
+            p - n,
+            float(n),
+            float(p),
+            scale=inverse,
+            shift=-offset * inverse,
+            out_scale=step,
+            out_shift=offset,
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, init={self.init}"
