@@ -85,6 +85,9 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = check_bits(bits)
         self.round_site = RoundSite()
+        #: The bits a per-layer override gave: a bit-width schedule leaves them alone
+        #: (``set_layer_bits``)
+        self.fixed_bits = False
 
     @property
     def enabled(self) -> bool:
@@ -336,6 +339,8 @@ class _LayerSettings:
     backward: BackwardRule
     delta: float
     fixed_delta: float | None = None
+    fixed_weight_bits: bool = False
+    fixed_activation_bits: bool = False
 
     def apply(self, override: LayerOverride) -> _LayerSettings:
         changes: dict[str, Any] = {}
@@ -347,6 +352,7 @@ class _LayerSettings:
         for key in ("weight_bits", "activation_bits"):
             if getattr(override, key) is not None:
                 changes[key] = check_bits(getattr(override, key), key)
+                changes[f"fixed_{key}"] = True
         if override.delta is not None:
             changes["delta"] = changes["fixed_delta"] = override.delta
         return replace(self, **changes)
@@ -389,9 +395,10 @@ def quantize_model(
     ``overrides`` change the method, bit-widths, backward rule or δ of the layers they
     match, applied in order (a later one wins). One that gives bits quantizes the first
     and last layers too (the first layer's input still stays full precision); bits
-    W32A32 make a layer's quantizers the identity. A δ given by an override is fixed: the δ
-    schedule leaves those sites alone (``QuantConv2d.fixed_delta``). An override that
-    matches no layer is a ``ValueError``.
+    W32A32 make a layer's quantizers the identity. Bits and δ given by an override are
+    fixed: a bit-width schedule (PROFIT's progressive bits) leaves those quantizers alone
+    (``Quantizer.fixed_bits``), the δ schedule those sites (``QuantConv2d.fixed_delta``).
+    An override that matches no layer is a ``ValueError``.
     """
     method = _resolve("method", method)
     backward = _resolve("backward", backward)
@@ -438,6 +445,8 @@ def quantize_model(
         quantized = layer_type(layer, settings.method, settings.weight_bits, input_bits)
         set_backward(quantized, settings.backward, settings.delta)
         quantized.fixed_delta = settings.fixed_delta
+        quantized.weight_quantizer.fixed_bits = settings.fixed_weight_bits
+        quantized.input_quantizer.fixed_bits = settings.fixed_activation_bits
         setattr(parent, child_name, quantized)
     return model
 
@@ -531,7 +540,8 @@ def set_layer_bits(
 ) -> None:
     """Change the bit-width of the weight and/or input quantizers of the quantized
     layers named (default: all). Quantizers at 32 bits (not quantized: the first layer's
-    raw-image input, say) are left alone; an unknown layer name is a KeyError."""
+    raw-image input, say) and quantizers whose bits a per-layer override gave
+    (``Quantizer.fixed_bits``) are left alone; an unknown layer name is a KeyError."""
     chosen = quantized_layers(model)
     if layers is not None:
         names = set(layers)
@@ -544,5 +554,5 @@ def set_layer_bits(
             (layer.weight_quantizer, weights),
             (layer.input_quantizer, activations),
         ):
-            if bits is not None and quantizer.enabled:
+            if bits is not None and quantizer.enabled and not quantizer.fixed_bits:
                 quantizer.set_bits(check_bits(bits))

@@ -19,7 +19,7 @@ from ewgs_plugins import (
     quantized_layers,
 )
 from ewgs_plugins.models import resnet20
-from ewgs_plugins.quant import fixed_delta_sites
+from ewgs_plugins.quant import fixed_delta_sites, set_layer_bits
 from ewgs_plugins.recipe import expand_runs, load_recipe
 from ewgs_plugins.train import Trainer
 
@@ -78,6 +78,23 @@ def test_later_overrides_win_and_keep_what_they_do_not_set():
         quantized_layers(model)["layer1.0.conv2"].input_quantizer.round_site.rule,
         ElementWiseGradientScaling,
     )
+
+
+def test_a_bit_schedule_leaves_the_bits_an_override_gave():
+    model = convert(
+        LayerOverride(("conv1", "linear"), weight_bits=8, activation_bits=8),
+        LayerOverride(("layer3.*",), weight_bits=3),  # its activations keep the default
+    )
+    set_layer_bits(model, weights=4, activations=5)
+    bits = layer_bits(model)
+    assert bits.pop("conv1") == (8, 32) and bits.pop("linear") == (8, 8)
+    layer3 = {name: bits.pop(name) for name in list(bits) if name.startswith("layer3.")}
+    assert set(layer3.values()) == {(3, 5)}  # weights fixed, activations scheduled
+    assert set(bits.values()) == {(4, 5)}  # everything else follows the schedule
+    layers = quantized_layers(model)
+    assert layers["layer3.0.conv1"].weight_quantizer.fixed_bits
+    assert not layers["layer3.0.conv1"].input_quantizer.fixed_bits
+    assert not layers["layer1.0.conv1"].weight_quantizer.fixed_bits
 
 
 def test_glob_and_regex_patterns_match_whole_names():

@@ -186,6 +186,21 @@ def test_progressive_bit_widths_then_the_recipes_bits(tmp_path):
         assert bits["0.input_quantizer"] == 32  # the raw image stays full precision
 
 
+def test_progressive_bits_leave_the_bits_a_per_layer_override_gave(tmp_path):
+    spy = Spy()
+    options = {"progressive": [{"bits": "W4A3", "epochs": 1}], "sample_epochs": 0, "freeze": [0]}
+    overrides = [{"layers": ["0"], "bits": "W8A8"}, {"layers": ["6"], "bits": "W5A6"}]
+    recipe = profit_recipe(tmp_path, epochs=2, callbacks={"profit": options}, overrides=overrides)
+    Trainer(recipe, callbacks={"spy": spy}).run()
+    for bits, (weights, activations) in zip(spy.bits, ((4, 3), (2, 2))):
+        assert bits["0.weight_quantizer"] == 8  # fixed by the override in every phase
+        assert bits["0.input_quantizer"] == 32  # the raw image
+        assert bits["6.weight_quantizer"] == 5
+        assert bits["6.input_quantizer"] == 6
+        assert bits["3.weight_quantizer"] == weights
+        assert bits["3.input_quantizer"] == activations
+
+
 # ------------------------------------------------------------------ options on and off
 
 

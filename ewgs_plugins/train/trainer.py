@@ -287,7 +287,8 @@ class Trainer:
     ) -> None:
         """Change the bit-width of the weight and/or input quantizers of the quantized
         layers named (default: all). Quantizers at 32 bits (not quantized: the first
-        layer's raw-image input, say) are left alone. Kept across resume."""
+        layer's raw-image input, say) and those whose bits a per-layer override gave are
+        left alone. Kept across resume."""
         set_layer_bits(self.model, weights=weights, activations=activations, layers=layers)
 
     def set_lr_scale(

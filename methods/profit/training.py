@@ -14,6 +14,10 @@ The run is cut into phases, in this order (``epochs`` of the recipe must be thei
    AIWQ, ranked once at the end of sampling) frozen, then ``stabilize_epochs`` of BN
    stabilisation.
 
+The bits of each phase apply to the quantizers at the recipe's bits: a quantizer whose
+bits a per-layer override gave (``overrides:``, the first and last layers at 8 bits, say)
+keeps them in every phase (``Trainer.set_bits``).
+
 *Freezing* is PROFIT's 'skip' group: the conv's weight gets learning rate 0 and weight
 decay 0 (``Trainer.set_lr_scale``); its quantizer parameters (a, c), its BN and
 everything else keep training. *BN stabilisation* freezes the weights of every
