@@ -5,9 +5,9 @@ threshold (which adapts, up to 32 MiB) with ``munmap``, and the top of its heap 
 than the trim threshold (twice the mmap threshold) lies free there. A training step frees
 and allocates the same tensors every step, so the next step faults those pages in again,
 each one zeroed by the kernel first. How often that happens depends on the process's
-allocation history (one model or several, a δ estimate's double backward in between),
-and on a CPU it moved a quantized step's time by up to 21 % in the cases measured
-(README, "Benchmarks", issue 15, fourth round).
+allocation history (one model trained or several side by side, say), and on a CPU it
+moved a quantized step's time by up to 21 % in the cases measured (README, "Benchmarks",
+issue 15, fourth round).
 
 ``keep_freed_memory`` fixes both thresholds with ``mallopt``: blocks up to 1 GiB come from
 the heap, and the heap is never trimmed. The process then keeps its peak, as PyTorch's
