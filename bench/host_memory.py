@@ -12,61 +12,51 @@ median step time of each, their paired ratio and the minor page faults per step.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ewgs_plugins import initialize_quantizers, keep_freed_memory, quantize_model, registry
+from ewgs_plugins import keep_freed_memory
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_train_step", Path(__file__).with_name("train_step.py")
+)
+assert _SPEC is not None and _SPEC.loader is not None
+train_step = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = train_step  # dataclasses look their module up there
+_SPEC.loader.exec_module(train_step)
 
 
 def measure(args: argparse.Namespace) -> dict:
     """One process's figures: step times and faults of full precision and the method."""
     kept = keep_freed_memory() if args.setting == "kept" else False
     torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(args.batch, 3, 32, 32, generator=generator)
-    targets = torch.randint(0, 10, (args.batch,), generator=generator)
-    models = {}
-    for name in ("fp", args.method):
-        torch.manual_seed(0)
-        model = registry().create("model", "resnet20", {"num_classes": 10})
-        if name != "fp":
-            model = quantize_model(model, name, weight_bits=4, activation_bits=4, inplace=True)
-            initialize_quantizers(model, inputs)
-        models[name] = model.train(), torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def steps(name: str, count: int) -> tuple[float, float]:
-        model, optimizer = models[name]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        for _ in range(count):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs), targets).backward()
-            optimizer.step()
-        elapsed = (time.perf_counter() - start) / count
-        return elapsed, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / count
-
-    for name in models:
-        steps(name, 2)
-    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    suite = train_step.SUITES["cifar"]
+    device = torch.device("cpu")  # host memory is what this measures
+    batch = train_step.make_batch(suite, args.batch, device, seed=0)
+    build_args = argparse.Namespace(bits=4, compile=False)
+    fp = train_step.Variant("fp", None, None)
+    quantized = train_step.Variant(args.method, args.method, "ste")
+    for variant in (fp, quantized):
+        train_step.build(suite, variant, batch, build_args)
+        train_step.time_steps(variant, batch, 2, device)  # warm-up
+        variant.faults.clear()
     for _ in range(args.repeats):
-        for name in models:
-            timings[name].append(steps(name, args.steps))
-    fp, quantized = timings["fp"], timings[args.method]
+        for variant in (fp, quantized):
+            variant.times.append(train_step.time_steps(variant, batch, args.steps, device))
     return {
         "setting": args.setting,
         "kept": kept,
-        "fp_ms": 1e3 * statistics.median(t for t, _ in fp),
-        "quantized_ms": 1e3 * statistics.median(t for t, _ in quantized),
-        "ratio": statistics.median(q / f for (q, _), (f, _) in zip(quantized, fp)),
-        "fp_faults": statistics.median(n for _, n in fp),
-        "quantized_faults": statistics.median(n for _, n in quantized),
+        "fp_ms": 1e3 * statistics.median(fp.times),
+        "quantized_ms": 1e3 * statistics.median(quantized.times),
+        "ratio": train_step.ratios(quantized.times, fp.times)["median"],
+        "fp_faults": statistics.median(fp.faults),
+        "quantized_faults": statistics.median(quantized.faults),
     }
 
 
