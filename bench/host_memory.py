@@ -12,7 +12,6 @@ median step time of each, their paired ratio and the minor page faults per step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -23,13 +22,8 @@ import torch
 
 from ewgs_plugins import keep_freed_memory
 
-_SPEC = importlib.util.spec_from_file_location(
-    "bench_train_step", Path(__file__).with_name("train_step.py")
-)
-assert _SPEC is not None and _SPEC.loader is not None
-train_step = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = train_step  # dataclasses look their module up there
-_SPEC.loader.exec_module(train_step)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
+import train_step  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> dict:

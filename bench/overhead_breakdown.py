@@ -14,7 +14,6 @@ quantizer is switched off by setting its bit-width to 32 (it then returns its in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -25,13 +24,8 @@ import torch
 
 from ewgs_plugins.quant import FULL_PRECISION, Quantizer
 
-_SPEC = importlib.util.spec_from_file_location(
-    "bench_train_step", Path(__file__).with_name("train_step.py")
-)
-assert _SPEC is not None and _SPEC.loader is not None
-train_step = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = train_step  # dataclasses look their module up there
-_SPEC.loader.exec_module(train_step)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
+import train_step  # noqa: E402
 
 #: which quantizers stay on in each variant (besides full precision)
 PARTS = {
