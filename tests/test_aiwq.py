@@ -12,8 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ewgs_plugins import QuantConv2d, initialize_quantizers, quantize_model
+from ewgs_plugins.methods.profit import (
+    AIWQTracker,
+    activation_instability,
+    gaussian_kl,
+    measure_aiwq,
+)
 from ewgs_plugins.models import digits_cnn
-from methods.profit import AIWQTracker, activation_instability, gaussian_kl, measure_aiwq
 
 
 def reference_kl(new: np.ndarray, old: np.ndarray) -> float:

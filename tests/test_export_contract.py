@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ewgs_plugins.errors import ExportError
+from ewgs_plugins.methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
+from ewgs_plugins.methods.interval import IntervalQuantizer
+from ewgs_plugins.methods.lsq import LsqQuantizer
+from ewgs_plugins.methods.profit import ProfitQuantizer, inverse_softplus
 from ewgs_plugins.quant import Quantizer
-from methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
-from methods.interval import IntervalQuantizer
-from methods.lsq import LsqQuantizer
-from methods.profit import ProfitQuantizer, inverse_softplus
 
 
 def _interval(bits: int, signed: bool, p: float, q: float) -> Quantizer:

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 from ewgs_plugins import ElementWiseGradientScaling, QuantConv2d, RoundSite, StraightThrough
+from ewgs_plugins.methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
+from ewgs_plugins.methods.interval import IntervalQuantizer
+from ewgs_plugins.methods.lsq import LsqQuantizer
+from ewgs_plugins.methods.profit import ProfitQuantizer, inverse_softplus
 from ewgs_plugins.registry import registry
-from methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
-from methods.interval import IntervalQuantizer
-from methods.lsq import LsqQuantizer
-from methods.profit import ProfitQuantizer, inverse_softplus
 
 DTYPES = [torch.float32, torch.float64]
 

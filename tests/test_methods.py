@@ -22,11 +22,11 @@ from ewgs_plugins import (
     quantize_model,
     registry,
 )
+from ewgs_plugins.methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
+from ewgs_plugins.methods.interval import IntervalQuantizer
+from ewgs_plugins.methods.lsq import LsqQuantizer
+from ewgs_plugins.methods.profit import ProfitQuantizer, inverse_softplus
 from ewgs_plugins.models import digits_cnn
-from methods.dorefa import DorefaActivationQuantizer, DorefaWeightQuantizer
-from methods.interval import IntervalQuantizer
-from methods.lsq import LsqQuantizer
-from methods.profit import ProfitQuantizer, inverse_softplus
 
 METHODS = ["interval", "dorefa", "lsq", "profit"]
 KINDS = ["weight", "activation"]

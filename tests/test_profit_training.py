@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from toys import StopAfter, digits_recipe
 
 from ewgs_plugins import ConfigError, hookimpl, quantize_model
+from ewgs_plugins.methods.profit import ProfitTraining, frozen_layers
 from ewgs_plugins.models import digits_cnn
 from ewgs_plugins.qat_callbacks import WeightEMA, load_teacher, soft_cross_entropy
 from ewgs_plugins.recipe import Recipe, expand_runs
 from ewgs_plugins.train import Trainer
-from methods.profit import ProfitTraining, frozen_layers
 
 CONVS = ["0", "3", "6"]  # digits_cnn's convs; PROFIT quantizes all of them (and the linear)
 

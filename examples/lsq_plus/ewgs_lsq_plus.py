@@ -25,7 +25,7 @@ Initialisation on the first batch (Sec. 3.2), ``activation_init``:
   1/40 of the span, ``low`` in steps of 1/40 up to half of it), each candidate quantized
   through the round site itself, on at most 16384 of the batch's values (an even stride).
 
-Weights are LSQ's signed quantizer (``methods.lsq``: ``Q_N = 2^(b−1)``,
+Weights are LSQ's signed quantizer (``ewgs_plugins.methods.lsq``: ``Q_N = 2^(b−1)``,
 ``Q_P = 2^(b−1) − 1``, no offset, gradient scale ``1 / sqrt(N_W · Q_P)``, 1-bit on the
 symmetric grid ``±s/2``) with LSQ+'s initialisation (Sec. 3.2.1)::
 
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, scale_gradient
-from methods.lsq import MIN_STEP, LsqQuantizer
+from ewgs_plugins.methods.lsq import MIN_STEP, LsqQuantizer
 
 ActivationInit = Literal["mse", "minmax"]
 #: The MSE search: clip-range resolution (fractions of the batch's span) and sample size.

@@ -24,7 +24,7 @@ quantizer parameters, so the recipe's ``optimizers.quantizer.weight_decay`` is e
 term). Without it, an α above every activation gets no gradient at all.
 
 Weights are DoReFa's (the paper quantizes weights with DoReFa): the quantizer is
-imported from the core package's ``methods.dorefa``, as any third party would reuse it.
+imported from the core package's ``ewgs_plugins.methods.dorefa``, as any third party would reuse it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl
-from methods.dorefa import DorefaWeightQuantizer
+from ewgs_plugins.methods.dorefa import DorefaWeightQuantizer
 
 #: The paper's initial clip value.
 PAPER_ALPHA_INIT = 10.0

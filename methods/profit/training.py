@@ -1,5 +1,5 @@
 """PROFIT's training strategy (Park & Yoo, ECCV 2020) as the training callback ``profit``
-(``ProfitMethod``'s default; registered by ``methods.profit``).
+(``ProfitMethod``'s default; registered by ``ewgs_plugins.methods.profit``).
 
 The run is cut into phases, in this order (``epochs`` of the recipe must be their sum):
 
@@ -8,7 +8,7 @@ The run is cut into phases, in this order (``epochs`` of the recipe must be thei
    of training, ``stabilize_epochs`` of BN stabilisation, all at those bits;
 2. at the recipe's ``bits``: ``stabilize_epochs`` of BN stabilisation, then the AIWQ
    sampling phase (``sample_epochs``: everything trains while the AIWQ of every
-   quantized conv is measured after each step, ``methods.profit.AIWQTracker``), then
+   quantized conv is measured after each step, ``ewgs_plugins.methods.profit.AIWQTracker``), then
    one stage per entry of ``freeze``: stage k trains ``stage_epochs[k]`` epochs with the
    weights of the ``⌊n · freeze[k]⌋`` most unstable of the n quantized convs (largest
    AIWQ, ranked once at the end of sampling) frozen, then ``stabilize_epochs`` of BN

@@ -15,8 +15,8 @@ from ewgs_lsq_plus import LsqPlusActivationQuantizer, LsqPlusMethod, LsqPlusWeig
 from hypothesis import given, settings
 
 from ewgs_plugins import ConfigError, registry
+from ewgs_plugins.methods.lsq import LsqQuantizer
 from ewgs_plugins.testing import assert_ewgs_at_zero_delta_is_ste, assert_short_run_trains
-from methods.lsq import LsqQuantizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "digits.yaml"
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 
 from ewgs_plugins import ConfigError, registry
 from ewgs_plugins.backward import ElementWiseGradientScaling
+from ewgs_plugins.methods.dorefa import DorefaWeightQuantizer
 from ewgs_plugins.testing import assert_ewgs_at_zero_delta_is_ste, assert_short_run_trains
-from methods.dorefa import DorefaWeightQuantizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "digits.yaml"
 
