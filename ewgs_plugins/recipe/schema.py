@@ -70,6 +70,7 @@ class DataConfig(Section):
     root: str | None = None
     #: keyword options of the dataset factory (``download: true`` for cifar10, say)
     options: dict[str, Any] = field(default_factory=dict)
+    #: the training batch size (under torchrun: the global batch, split across the processes)
     batch_size: int = 256
     #: DataLoader worker processes (0: load in the training process)
     workers: int = 0
@@ -83,7 +84,9 @@ class DataConfig(Section):
 class PluginConfig(Section):
     """A registered plugin by name, with the keyword options of its factory."""
 
+    #: the plugin's registered name (``ewgs plugins`` lists them)
     name: str
+    #: keyword options of the plugin's factory (checked against its signature)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,7 +95,9 @@ class DeltaConfig(Section):
     """The δ estimator. Its schedule (``every``, ``unit``, ``batches``, ``samples``,
     ``tol``, ``representative``, ``before_training``) is in its options."""
 
+    #: the δ estimator: fixed (options: value) or hessian (the paper's Eq. 8-10), or a plugin's
     name: str = "hessian"
+    #: the estimator's options, its schedule included (every, unit, batches, probe, samples, ...)
     options: dict[str, Any] = field(default_factory=dict)
     #: batch size of the batches δ is estimated on (null: the training batch size;
     #: the paper uses 16 on ImageNet)
@@ -113,7 +118,9 @@ def parse_bits_label(text: str) -> tuple[int, int] | None:
 class BitsConfig(Section):
     """Bit-widths, 1..8, or 32 for "not quantized". Shorthand: ``W2A2``, ``W1A32``."""
 
+    #: bit-width of the weights
     weights: int
+    #: bit-width of the layers' inputs
     activations: int
 
     @classmethod
@@ -145,9 +152,13 @@ class LayerOverrideConfig(Section):
     ``fc``) match ``layers``: glob patterns, or regular expressions written
     ``re:<regex>``, matched against the whole name. Keys left out keep the recipe's."""
 
+    #: module names to match: a glob or ``re:<regex>``, or a list of them
     layers: str | list[str]
+    #: these layers' bit-widths (fixed: a bit-width schedule leaves them alone)
     bits: BitsConfig | None = None
+    #: these layers' quantizer method
     method: PluginConfig | None = None
+    #: these layers' backward rule
     backward: str | None = None
     #: a fixed δ for these layers' round sites (the δ estimator leaves them alone)
     delta: float | None = None
@@ -173,8 +184,11 @@ class LayerOverrideConfig(Section):
 
 @dataclass(kw_only=True)
 class OptimizerConfig(Section):
+    #: the optimizer
     name: Literal["sgd", "adam"] = "adam"
+    #: the learning rate (the schedule scales it)
     lr: float = 1e-3
+    #: L2 weight decay
     weight_decay: float = 0.0
     #: sgd only
     momentum: float = 0.9
@@ -223,7 +237,9 @@ class OptimizersConfig(Section):
     BN affine) and quantizer parameters (everything inside a Quantizer, and the
     layers' output scale α)."""
 
+    #: the network's weights, biases and BatchNorm affine parameters
     weights: WeightsOptimizerConfig = field(default_factory=WeightsOptimizerConfig)
+    #: the quantizers' parameters and the layers' output scale α
     quantizer: QuantizerOptimizerConfig = field(default_factory=QuantizerOptimizerConfig)
 
 
@@ -233,9 +249,13 @@ class ScheduleConfig(Section):
     ``final_lr_factor`` × lr (0 by default), after an optional linear warm-up from
     ``warmup_start_factor`` × lr; ``constant`` keeps it."""
 
+    #: the schedule's shape
     name: Literal["cosine", "constant"] = "cosine"
+    #: epochs of linear warm-up before the schedule (0: none)
     warmup_epochs: int = 0
+    #: the warm-up starts at this fraction of the learning rate
     warmup_start_factor: float = 0.1
+    #: cosine ends at this fraction of the learning rate
     final_lr_factor: float = 0.0
     #: update the learning rate after every epoch (the paper's code) or every step
     unit: Literal["epoch", "step"] = "epoch"
@@ -262,18 +282,27 @@ class DistributedConfig(Section):
 class Recipe(Section):
     """One run. Relative paths are relative to the current working directory."""
 
+    #: the model to quantize (or a string: its name)
     model: ModelConfig
+    #: the dataset and how it is loaded
     data: DataConfig
+    #: the quantizer method: interval, dorefa, lsq, profit, or a plugin's (or a string: its name)
     method: PluginConfig
     #: the backward rule at every round site: ste, ewgs, or a plugin's
     backward: str
+    #: bit-widths of weights and activations (or a string such as ``W2A2``)
     bits: BitsConfig
+    #: training epochs
     epochs: int
+    #: the δ of EWGS: a fixed value or the Hessian estimate, and its schedule
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     #: quantize the first and last layers (null: the method's default; PROFIT: yes)
     quantize_first_last: bool | None = None
+    #: the two optimizers (defaults: the paper's CIFAR-10 settings)
     optimizers: OptimizersConfig = field(default_factory=OptimizersConfig)
+    #: the learning-rate schedule of both optimizers
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    #: the seed of initialisation, data order and augmentation (runs pair by it)
     seed: int = 0
     #: auto (CUDA when there is one), cpu, cuda or cuda:N
     device: str = "auto"
@@ -289,6 +318,7 @@ class Recipe(Section):
     amp: Literal["bf16", "fp16"] | None = None
     #: channels_last memory format for the model and its 4-D inputs (speed only)
     channels_last: bool = False
+    #: settings for training under torchrun
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     #: per-layer overrides, applied in order (a later one wins): a list of {layers:
     #: <glob or re:regex on module names>, bits, method, backward, delta}
