@@ -1,4 +1,4 @@
-"""The README's plugin example works as written (a plugin is ten lines)."""
+"""The manual's plugin example works as written (a plugin is ten lines)."""
 
 import re
 from pathlib import Path
@@ -8,12 +8,18 @@ from torch import nn
 
 from ewgs_plugins import quantize_model, register_plugin, round_sites, unregister_plugin
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+#: the plugin example of the manual (docs/how-to/write-a-plugin.md includes its sections)
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "plugin_quantizer.py"
+
+
+def example_section(name: str) -> str:
+    """The lines between ``# --8<-- [start:name]`` and ``[end:name]``: what the page shows."""
+    pattern = rf"# --8<-- \[start:{name}\]\n(.*?)# --8<-- \[end:{name}\]"
+    return re.search(pattern, EXAMPLE.read_text(), flags=re.S)[1]
 
 
 def readme_plugin_source() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    return next(b for b in blocks if "def ewgs_methods" in b)
+    return example_section("plugin")
 
 
 def test_the_readme_method_plugin_registers_and_quantizes():

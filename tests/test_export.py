@@ -241,19 +241,11 @@ def test_the_readme_plugin_method_cannot_be_exported_and_says_so() -> None:
 
 
 def test_the_readme_contract_snippet_makes_the_plugin_method_exportable() -> None:
-    import re
-    import textwrap
-
-    from test_core_readme import README, readme_plugin_source
+    from test_core_readme import example_section, readme_plugin_source
 
     namespace: dict = {}
-    exec(compile(readme_plugin_source(), "README.md", "exec"), namespace)
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    snippet = next(b for b in blocks if "def integer_map" in b)
-    source = "class Exportable(Uniform):\n" + textwrap.indent(textwrap.dedent(snippet), "    ")
-    scope = {"Uniform": namespace["Uniform"], "IntegerMap": IntegerMap, "torch": torch}
-    exec(compile(source, "README.md", "exec"), scope)
-    exportable = scope["Exportable"]
+    exec(compile(readme_plugin_source() + example_section("export"), "example", "exec"), namespace)
+    exportable = namespace["ExportableUniform"]
 
     class Method(QuantizerMethod):
         name = "uniform"
