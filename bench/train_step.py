@@ -63,7 +63,7 @@ TARGETS = {
     "time_ewgs_vs_ste": 1.03,
     "memory_ewgs_vs_ste": 1.02,
     "time_vs_fp": 1.5,
-    "time_ste_vs_fp": 1.2,  # issue 15: quantized training under STE, eager, ResNet-20
+    "time_ste_vs_fp": 1.2,  # quantized training under STE, eager, ResNet-20
     "hessian_fast_steps": 5.0,
     "hessian_default_steps": 5.0,
 }

@@ -1,7 +1,7 @@
 """Deploying a trained run: its integers, an ONNX model, and the model rebuilt from them.
 
 Everything here reads the integer contract of each quantizer (``Quantizer.integer_map``,
-``integer_codes``, ``dequantize``; DESIGN.md, "Export: the integer contract"):
+``integer_codes``, ``dequantize``; the architecture page, "The integer contract"):
 
 - ``export_int``: the weight codes of every quantized layer in the narrowest integer
   dtype that holds them, with their scales and zero points, the input quantizers' maps,

@@ -6,8 +6,8 @@ than the trim threshold (twice the mmap threshold) lies free there. A training s
 and allocates the same tensors every step, so the next step faults those pages in again,
 each one zeroed by the kernel first. How often that happens depends on the process's
 allocation history (one model trained or several side by side, say), and on a CPU it
-moved a quantized step's time by up to 21 % in the cases measured (README, "Benchmarks",
-issue 15, fourth round).
+moved a quantized step's time by up to 21 % in the cases measured (the manual's
+Benchmarks page, "Host memory").
 
 ``keep_freed_memory`` fixes both thresholds with ``mallopt``: blocks up to 1 GiB come from
 the heap, and the heap is never trimmed. The process then keeps its peak, as PyTorch's

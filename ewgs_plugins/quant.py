@@ -38,7 +38,7 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 @dataclass(frozen=True)
 class IntegerMap:
-    """How a quantizer's outputs are integers (DESIGN.md, "Export: the integer contract"):
+    """How a quantizer's outputs are integers (the architecture page, "The integer contract"):
     ``value = scale · (code − zero_point)`` with integer codes in ``[low, high]``.
 
     ``scale`` and ``zero_point`` are float32, 0-dim (per tensor) or 1-D along ``axis``

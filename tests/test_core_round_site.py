@@ -1,4 +1,4 @@
-"""Laws of the round site and the backward rules (DESIGN: "The one idea: the round site")."""
+"""Laws of the round site and the backward rules (the concepts page "The round site")."""
 
 import hypothesis.strategies as st
 import numpy as np

@@ -1,4 +1,4 @@
-"""Export of trained runs (issue 13): the int export rebuilds the model bit for bit, the
+"""Export of trained runs: the int export rebuilds the model bit for bit, the
 ONNX model agrees with PyTorch in onnxruntime on the digits test set, the summary reads
 each layer, and a method without an integer map is refused by name."""
 

@@ -1,4 +1,4 @@
-"""The integer contract (DESIGN.md, "Export: the integer contract"): for every built-in
+"""The integer contract (the architecture page, "The integer contract"): for every built-in
 method, bit-width and sign, the integer codes lie in the method's range, the quantizer's
 ``dequantize`` of them is its forward output bit for bit, and the stated affine map
 ``scale · (code − zero_point)`` is that output: exactly where the forward is one multiply

@@ -1,4 +1,4 @@
-"""Runs that survive faults, concurrency and hostile files (issue 12): every case of
+"""Runs that survive faults, concurrency and hostile files: every case of
 the issue as a test. A user's mistake or a broken environment is one line and exit
 status 2; a killed run resumes to the same result; nothing is left half-written."""
 

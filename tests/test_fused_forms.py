@@ -88,7 +88,7 @@ def latents_away_from_ties(seed: int, low: int, high: int, shape=(64,)) -> torch
 
 
 def plain_form(quantizer, x: torch.Tensor) -> torch.Tensor:
-    """Each method's formula as written in its module docstring (DESIGN: Methods)."""
+    """Each method's formula as written in its module docstring."""
     b = quantizer.bits
     if isinstance(quantizer, IntervalQuantizer):
         steps = 2**b - 1

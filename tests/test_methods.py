@@ -1,4 +1,4 @@
-"""Laws of the built-in quantizer methods (DESIGN: "Methods"): level grids, the identity
+"""Laws of the built-in quantizer methods: level grids, the identity
 at 32 bits, STE and EWGS forwards, the papers' initialisations, gradients, rounding only
 at the round site, and training."""
 

@@ -1,4 +1,4 @@
-"""Models by name and loading full-precision weights (DESIGN: "Layers and models")."""
+"""Models by name and loading full-precision weights."""
 
 from __future__ import annotations
 

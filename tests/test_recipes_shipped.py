@@ -32,7 +32,7 @@ RUNS = {
 PAPER_ROWS = {"resnet20_w1a1_short"}
 #: recipes of PROFIT's training strategy: PROFIT alone, under STE and EWGS
 PROFIT_RECIPES = {"mobilenet_v2_w4a4_profit": 2, "resnet20_w4a4_profit": 2, "digits_profit": 6}
-#: the studies of issue 16: one method, four arms (matrix.arms) × three seeds
+#: the studies: one method, four arms (matrix.arms) × three seeds
 STUDY_RECIPES = {
     "resnet20_w1a1_study": "interval",
     "resnet20_w1a1_study_dev": "interval",
@@ -222,12 +222,12 @@ def test_the_demo_trains_every_method_under_ste_and_ewgs(tmp_path, capsys):
     )
 
 
-def test_the_readme_recipe_example_is_a_valid_recipe(tmp_path):
-    text = (ROOT / "README.md").read_text()
+def test_the_manuals_recipe_example_is_a_valid_recipe(tmp_path):
+    text = (ROOT / "docs" / "how-to" / "recipes.md").read_text()
     block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "matrix:" in b)
     raw = read_yaml_text(block)
     raw["data"] = {"name": "digits"}
     raw["model"] = {"name": "digits_cnn"}
     raw["output"] = str(tmp_path)
-    runs = expand_runs(raw, source="README.md")
+    runs = expand_runs(raw, source="recipes.md")
     assert len(runs) == 4 * 2 * 3

@@ -86,7 +86,7 @@ def test_gradients_are_the_papers_under_ste_and_ewgs_scales_only_the_input(case,
     x.grad = None
     quantizer(x).backward(grad)
     z = x.detach() * (n / alpha)
-    error = (z - torch.round(z)) / n  # x_n − x_q as a fraction of the range (DESIGN)
+    error = (z - torch.round(z)) / n  # x_n − x_q as a fraction of the range
     scaled = grad * (1 + delta * torch.sign(grad) * error)
     assert torch.allclose(x.grad, torch.where(inside, scaled, torch.zeros_like(grad)), atol=1e-5)
     assert torch.allclose(quantizer.alpha.grad, expected_alpha, atol=1e-5)
