@@ -58,8 +58,9 @@ def _describe(quantizer: Quantizer) -> tuple[str, int]:
         imap: IntegerMap = quantizer.integer_map()
     except ExportError:
         return "n/a", 0
-    low = imap.affine(imap.zero_point.new_tensor(float(imap.low)))
-    high = imap.affine(imap.zero_point.new_tensor(float(imap.high)))
+    # the lowest and highest code's values (per channel: one each per channel)
+    low = imap.scale * (float(imap.low) - imap.zero_point)
+    high = imap.scale * (float(imap.high) - imap.zero_point)
     scale = (
         f"s={float(imap.scale):.4g}"
         if imap.scale.numel() == 1
