@@ -2,7 +2,9 @@
 
 A *method* (a plugin) makes a weight quantizer and an input-activation quantizer
 for each layer; each quantizer owns one round site. ``quantize_model`` replaces the
-``nn.Conv2d`` / ``nn.Linear`` layers of a model by ``QuantConv2d`` / ``QuantLinear``.
+convolutions (1-, 2-, 3-D, transposed too) and ``nn.Linear`` layers of a model by their
+quantized versions (``QUANTIZED_VERSIONS``) and accounts for every parameterized layer
+it leaves in full precision (``full_precision_layers``).
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backward import BackwardRule
-from .errors import ExportError
+from .errors import EwgsError, ExportError
 from .registry import registry
 from .round_site import RoundSite, round_sites
 
@@ -27,6 +30,26 @@ FULL_PRECISION = 32
 VALID_BITS = (*range(1, 9), FULL_PRECISION)
 #: dtypes a quantizer never computes in (it upcasts to float32)
 _HALF = (torch.float16, torch.bfloat16)
+
+
+#: How finely a weight quantizer's parameters are shared: one set per tensor, or one per
+#: output channel (a method option, ``granularity``)
+Granularity = Literal["per_tensor", "per_channel"]
+GRANULARITIES = ("per_tensor", "per_channel")
+
+
+def check_granularity(granularity: str, method: str, per_channel: str | None = None) -> str:
+    """``granularity`` if it is one of ``GRANULARITIES`` and the method offers it; a
+    ``ValueError`` naming the method otherwise. ``per_channel``: why the method does not
+    offer per-channel weights (None: it does)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"method {method!r}: granularity must be one of {', '.join(GRANULARITIES)}, "
+            f"got {granularity!r}"
+        )
+    if granularity == "per_channel" and per_channel is not None:
+        raise ValueError(f"method {method!r} has no per-channel weights: {per_channel}")
+    return granularity
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -88,6 +111,11 @@ class Quantizer(nn.Module):
         #: The bits a per-layer override gave: a bit-width schedule leaves them alone
         #: (``set_layer_bits``)
         self.fixed_bits = False
+
+    def bind_weight(self, shape: torch.Size, channel_axis: int) -> None:
+        """Told by its layer, for a weight quantizer: the weight's shape and the axis of
+        its output channels (0; 1 for a transposed convolution). A per-channel quantizer
+        sizes its parameters here, before any state is loaded (no-op by default)."""
 
     @property
     def enabled(self) -> bool:
@@ -175,21 +203,32 @@ class QuantizerMethod:
         raise NotImplementedError
 
 
+class QuantizersNotInitialized(EwgsError, RuntimeError):
+    """An eval-mode forward reached a quantized layer whose quantizers were never
+    initialised (their data-driven start: LSQ's step, the interval's bounds)."""
+
+
 class _QuantLayerMixin:
-    """Shared behaviour of ``QuantConv2d`` and ``QuantLinear``."""
+    """Shared behaviour of the quantized layers (``QUANTIZED_VERSIONS``)."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     #: δ fixed for this layer's sites by a per-layer override (the δ schedule leaves
     #: them alone); None: the run's δ estimator decides
     fixed_delta: float | None = None
+    #: the axis of the weight's output channels
+    weight_channel_axis: ClassVar[int] = 0
+    #: the layer's qualified name in its model (``quantize_model`` sets it), for errors
+    layer_name: str = "?"
 
     def _setup_quantization(
         self, method: QuantizerMethod, weight_bits: int, activation_bits: int
     ) -> None:
         self.method_name = method.name
         # Quantizers are made without knowing the device: put them beside the weight.
-        self.weight_quantizer = method.weight_quantizer(weight_bits).to(self.weight.device)
+        weight_quantizer = method.weight_quantizer(weight_bits)
+        weight_quantizer.bind_weight(self.weight.shape, self.weight_channel_axis)
+        self.weight_quantizer = weight_quantizer.to(self.weight.device)
         self.input_quantizer = method.activation_quantizer(activation_bits).to(self.weight.device)
         self.output_scale = (
             nn.Parameter(torch.ones((), device=self.weight.device))
@@ -199,7 +238,7 @@ class _QuantLayerMixin:
         self.register_buffer("quant_initialized", torch.tensor(False, device=self.weight.device))
         self._initialized = False
 
-    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _linear_op(self, x: Tensor, weight: Tensor, *args: Any) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -219,17 +258,32 @@ class _QuantLayerMixin:
         self.quant_initialized.fill_(True)
         self._initialized = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._initialized:
+    def _needs_initialization(self) -> bool:
+        return not self._initialized and (
+            self.weight_quantizer.enabled
+            or self.input_quantizer.enabled
+            or self.output_scale is not None
+        )
+
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        if self._needs_initialization():
+            if not self.training:  # type: ignore[attr-defined]
+                raise QuantizersNotInitialized(
+                    f"quantized layer {self.layer_name!r} ({type(self).__name__}, method "
+                    f"{self.method_name!r}) has uninitialised quantizers in an eval-mode "
+                    "forward: call initialize_quantizers(model, batch) on a training batch "
+                    "first, or run a training-mode forward (model.train())"
+                )
             self.initialize_quantizers(x)
         weight = self.weight_quantizer(self.weight)
         if self.output_scale is not None:
             # |α| · conv(x, w_q) = conv(x, |α| · w_q): scaling the (small) weight is the
             # same product as scaling the (large) output, without a pass over the output.
             weight = weight * self.output_scale.abs()
-        out = self._linear_op(self.input_quantizer(x), weight)
+        out = self._linear_op(self.input_quantizer(x), weight, *args)
         if self.bias is not None:
-            shape = (1, -1) + (1,) * (out.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
+            conv = isinstance(self, nn.modules.conv._ConvNd)
+            shape = (1, -1) + (1,) * (out.dim() - 2) if conv else (-1,)
             out = out + self.bias.view(shape)
         return out
 
@@ -238,36 +292,113 @@ class _QuantLayerMixin:
         self._initialized = bool(self.quant_initialized)
 
 
-class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
+class _QuantConvMixin(_QuantLayerMixin):
+    """A quantized convolution: built empty (on ``meta``) with the same hyperparameters
+    as the convolution it replaces, whose weight and bias it then takes (same
+    state-dict keys, so full-precision checkpoints load into it)."""
+
+    def _take_conv(self, conv: nn.modules.conv._ConvNd) -> None:
+        options: dict[str, Any] = {
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "bias": conv.bias is not None,
+            "padding_mode": conv.padding_mode,
+            "device": "meta",
+        }
+        if conv.transposed:
+            options["output_padding"] = conv.output_padding
+        type(conv).__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size, **options)
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def _linear_op(self, x: Tensor, weight: Tensor, *args: Any) -> Tensor:
+        return self._conv_forward(x, weight, None)  # type: ignore[attr-defined]
+
+
+class _QuantConvTransposeMixin(_QuantConvMixin):
+    """A quantized transposed convolution (its weight is ``(in, out / groups, ...)``:
+    the output channels are axis 1). ``forward(x, output_size=None)`` as torch's."""
+
+    weight_channel_axis: ClassVar[int] = 1
+    _transposed_op: ClassVar[Any]
+
+    def _linear_op(self, x: Tensor, weight: Tensor, *args: Any) -> Tensor:
+        output_size = args[0] if args else None
+        dims = weight.dim() - 2
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            dims,
+            self.dilation,  # type: ignore[attr-defined]
+        )
+        return type(self)._transposed_op(
+            x,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,  # type: ignore[attr-defined]
+        )
+
+
+def _conv_init(
+    self: _QuantConvMixin,
+    conv: nn.Module,
+    method: QuantizerMethod,
+    weight_bits: int,
+    activation_bits: int,
+) -> None:
+    """The quantized convolutions' constructor: ``(conv, method, weight_bits,
+    activation_bits)``, as ``QuantLinear``'s."""
+    self._take_conv(conv)  # type: ignore[arg-type]
+    self._setup_quantization(method, weight_bits, activation_bits)
+
+
+class QuantConv1d(_QuantConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with quantized weights and input."""
+
+    __init__ = _conv_init
+
+
+class QuantConv2d(_QuantConvMixin, nn.Conv2d):
     """``nn.Conv2d`` with quantized weights and input (same state-dict keys for
     weight and bias, so full-precision checkpoints load into it)."""
 
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        method: QuantizerMethod,
-        weight_bits: int,
-        activation_bits: int,
-    ) -> None:
-        nn.Conv2d.__init__(
-            self,
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
-        self.weight = conv.weight
-        self.bias = conv.bias
-        self._setup_quantization(method, weight_bits, activation_bits)
+    __init__ = _conv_init
 
-    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._conv_forward(x, weight, None)
+
+class QuantConv3d(_QuantConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` with quantized weights and input."""
+
+    __init__ = _conv_init
+
+
+class QuantConvTranspose1d(_QuantConvTransposeMixin, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with quantized weights and input."""
+
+    __init__ = _conv_init
+    _transposed_op = staticmethod(F.conv_transpose1d)
+
+
+class QuantConvTranspose2d(_QuantConvTransposeMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with quantized weights and input."""
+
+    __init__ = _conv_init
+    _transposed_op = staticmethod(F.conv_transpose2d)
+
+
+class QuantConvTranspose3d(_QuantConvTransposeMixin, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with quantized weights and input."""
+
+    __init__ = _conv_init
+    _transposed_op = staticmethod(F.conv_transpose3d)
 
 
 class QuantLinear(_QuantLayerMixin, nn.Linear):
@@ -291,14 +422,30 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
         self.bias = linear.bias
         self._setup_quantization(method, weight_bits, activation_bits)
 
-    def _linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _linear_op(self, x: Tensor, weight: Tensor, *args: Any) -> Tensor:
         return F.linear(x, weight)
 
 
-QUANT_LAYERS = (QuantConv2d, QuantLinear)
+#: The layer types ``quantize_model`` converts (the exact type: a subclass may use its
+#: weight in a way of its own) and their quantized versions.
+QUANTIZED_VERSIONS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.ConvTranspose3d: QuantConvTranspose3d,
+    nn.Linear: QuantLinear,
+}
+
+QUANT_LAYERS = tuple(QUANTIZED_VERSIONS.values())
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
+#: Any quantized layer (a ``QUANTIZED_VERSIONS`` value)
+QuantLayer = _QuantLayerMixin
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
     """Every quantized layer of ``model`` by qualified name, in definition order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
 
@@ -359,15 +506,85 @@ class _LayerSettings:
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """The qualified names of the ``nn.Conv2d``/``nn.Linear`` layers ``quantize_model``
-    converts, in definition order."""
-    return [name for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    """The qualified names of the layers ``quantize_model`` converts (those whose exact
+    type is a key of ``QUANTIZED_VERSIONS``), in definition order."""
+    return [name for name, m in model.named_modules() if type(m) in QUANTIZED_VERSIONS]
 
 
 def unmatched_overrides(model: nn.Module, overrides: Sequence[LayerOverride]) -> list[int]:
     """The indices of the overrides that match none of ``quantizable_layers(model)``."""
     names = quantizable_layers(model)
     return [i for i, o in enumerate(overrides) if not any(o.matches(n) for n in names)]
+
+
+#: Layers never quantized and never listed as full precision: their affine is folded into
+#: the layer before (BatchNorm) or kept in float by every deployment format.
+NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
+#: Why a layer is left in full precision (the start of each reason)
+RULE, EXCLUDED, OVERRIDE, UNSUPPORTED = "rule", "exclude", "override", "unsupported"
+_MHA_REASON = (
+    f"{UNSUPPORTED}: nn.MultiheadAttention uses its projections (in_proj_weight, "
+    "out_proj.weight) inside F.multi_head_attention_forward, where no quantizer can sit"
+)
+
+
+def _has_weights(module: nn.Module) -> bool:
+    """A layer with weights of its own: a direct parameter whose name says weight
+    (``weight``, ``in_proj_weight``, ``weight_ih_l0``), normalization layers aside."""
+    if isinstance(module, NORMALIZATION_LAYERS):
+        return False
+    return any("weight" in name for name, _ in module.named_parameters(recurse=False))
+
+
+def _unsupported_reasons(model: nn.Module) -> dict[str, str]:
+    """Every layer with weights that has no quantized version, with the reason."""
+    reasons: dict[str, str] = {}
+    inside: list[str] = []  # modules whose children are accounted for by the parent
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, QUANT_LAYERS):
+            inside.append(name)
+        elif isinstance(module, nn.MultiheadAttention):
+            reasons[name] = _MHA_REASON
+            inside.append(name)
+        elif type(module) not in QUANTIZED_VERSIONS and _has_weights(module):
+            reasons[name] = f"{UNSUPPORTED}: {type(module).__qualname__} has no quantized version"
+    return reasons
+
+
+def full_precision_layers(model: nn.Module) -> dict[str, str]:
+    """Every layer with weights (normalization layers aside) that ``model`` keeps in full
+    precision, by qualified name in definition order, with why: skipped by ``rule`` (the
+    first and last layers), by ``exclude``, by ``override`` (or bits) leaving its weights
+    at 32 bits, or ``unsupported`` (no quantized version, ``nn.MultiheadAttention``'s
+    projections). Reads what ``quantize_model`` recorded; a convertible layer it never
+    saw is reported as not converted."""
+    recorded: dict[str, str] = getattr(model, "_ewgs_full_precision", {})
+    reasons = _unsupported_reasons(model)
+    for name, module in model.named_modules():
+        if type(module) in QUANTIZED_VERSIONS:
+            reasons[name] = recorded.get(name, "not converted (quantize_model never saw it)")
+        elif isinstance(module, QUANT_LAYERS) and not module.weight_quantizer.enabled:
+            reasons[name] = (
+                f"{OVERRIDE}: weights at {FULL_PRECISION} bits (an override or the bits)"
+            )
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))
+
+
+class LayersLeftInFullPrecision(EwgsError, ValueError):
+    """``require_all_quantized`` and a layer with weights is left in full precision."""
+
+    def __init__(self, layers: Mapping[str, str]) -> None:
+        self.layers = dict(layers)
+        listed = "; ".join(f"{name} ({why})" for name, why in self.layers.items())
+        super().__init__(f"layers left in full precision: {listed}")
 
 
 def quantize_model(
@@ -382,8 +599,10 @@ def quantize_model(
     exclude: Iterable[str] = (),
     overrides: Sequence[LayerOverride] = (),
     inplace: bool = False,
+    require_all_quantized: bool = False,
 ) -> nn.Module:
-    """Replace every ``nn.Conv2d``/``nn.Linear`` of ``model`` by its quantized version.
+    """Replace every convolution (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) and
+    ``nn.Linear`` of ``model`` by its quantized version (``QUANTIZED_VERSIONS``).
 
     The first and last of them stay full precision unless ``quantize_first_last``
     (default: the method's own choice; PROFIT quantizes all). When the first layer is
@@ -399,6 +618,12 @@ def quantize_model(
     fixed: a bit-width schedule (PROFIT's progressive bits) leaves those quantizers alone
     (``Quantizer.fixed_bits``), the δ schedule those sites (``QuantConv2d.fixed_delta``).
     An override that matches no layer is a ``ValueError``.
+
+    Every layer with weights left in full precision is recorded with why
+    (``full_precision_layers``); those without a quantized version (``nn.Embedding``,
+    ``nn.MultiheadAttention``'s projections, ...) are also named in a ``UserWarning``.
+    ``require_all_quantized`` makes any of them, whatever the reason, a
+    ``LayersLeftInFullPrecision`` error naming each.
     """
     method = _resolve("method", method)
     backward = _resolve("backward", backward)
@@ -414,12 +639,13 @@ def quantize_model(
     if unknown:
         raise ValueError(f"exclude names layers the model does not have: {sorted(unknown)}")
     if not candidates:
-        raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
+        kinds = ", ".join(f"nn.{t.__name__}" for t in QUANTIZED_VERSIONS)
+        raise ValueError(f"the model has no layer to quantize (one of {kinds})")
     unmatched = unmatched_overrides(model, overrides)
     if unmatched:
         patterns = ", ".join(overrides[unmatched[0]].layers)
         raise ValueError(
-            f"override {unmatched[0]} ({patterns}) matches no nn.Conv2d/nn.Linear layer; "
+            f"override {unmatched[0]} ({patterns}) matches no convolution/nn.Linear layer; "
             f"layers: {', '.join(candidates)}"
         )
     overrides = [
@@ -428,26 +654,40 @@ def quantize_model(
     ]
     first, last = candidates[0], candidates[-1]
     defaults = _LayerSettings(True, method, weight_bits, activation_bits, backward, float(delta))
+    skipped: dict[str, str] = {}
     for name in candidates:
         if name in excluded:
+            skipped[name] = f"{EXCLUDED}: named in exclude"
             continue
         settings = replace(defaults, quantize=quantize_first_last or name not in (first, last))
         for override in overrides:
             if override.matches(name):
                 settings = settings.apply(override)
         if not settings.quantize:
+            which = "first" if name == first else "last"
+            skipped[name] = f"{RULE}: the {which} layer (quantize_first_last is off)"
             continue
         input_bits = FULL_PRECISION if name == first else settings.activation_bits
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child_name)
-        layer_type = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        quantized = layer_type(layer, settings.method, settings.weight_bits, input_bits)
+        quantized = QUANTIZED_VERSIONS[type(layer)](
+            layer, settings.method, settings.weight_bits, input_bits
+        )
+        quantized.layer_name = name
         set_backward(quantized, settings.backward, settings.delta)
         quantized.fixed_delta = settings.fixed_delta
         quantized.weight_quantizer.fixed_bits = settings.fixed_weight_bits
         quantized.input_quantizer.fixed_bits = settings.fixed_activation_bits
         setattr(parent, child_name, quantized)
+    model._ewgs_full_precision = skipped
+    left = full_precision_layers(model)
+    if require_all_quantized and left:
+        raise LayersLeftInFullPrecision(left)
+    unsupported = {n: why for n, why in left.items() if why.startswith(UNSUPPORTED)}
+    if unsupported:
+        listed = "; ".join(f"{name} ({why})" for name, why in unsupported.items())
+        warnings.warn(f"left in full precision: {listed}", UserWarning, stacklevel=2)
     return model
 
 

@@ -4,7 +4,8 @@ in float32 and packed (weights at their bit-width, every other number in float32
 
 Every figure is read from the layer itself (its quantizers' bits and integer maps, its
 method name), not from the recipe, so layers that differ in method or bits are reported
-as they are.
+as they are. Every layer with weights left in full precision is listed with why
+(``quant.full_precision_layers``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import ExportError
-from .quant import FULL_PRECISION, IntegerMap, Quantizer, deltas, quantized_layers
+from .quant import (
+    FULL_PRECISION,
+    QUANTIZED_VERSIONS,
+    IntegerMap,
+    Quantizer,
+    deltas,
+    full_precision_layers,
+    quantized_layers,
+)
 
 FLOAT32_BYTES = 4
-#: the layers the summary lists: the quantized ones and those left full precision
-_LAYER_TYPES = (nn.Conv2d, nn.Linear)
+#: the layers the summary's table lists: the quantized ones and those left full precision
+_LAYER_TYPES = tuple(QUANTIZED_VERSIONS)
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,9 @@ def _describe(quantizer: Quantizer) -> tuple[str, int]:
         imap: IntegerMap = quantizer.integer_map()
     except ExportError:
         return "n/a", 0
-    low = imap.affine(imap.zero_point.new_tensor(float(imap.low)))
-    high = imap.affine(imap.zero_point.new_tensor(float(imap.high)))
+    # the lowest and highest code's values (per channel: one each per channel)
+    low = imap.scale * (float(imap.low) - imap.zero_point)
+    high = imap.scale * (float(imap.high) - imap.zero_point)
     scale = (
         f"s={float(imap.scale):.4g}"
         if imap.scale.numel() == 1
@@ -144,9 +154,11 @@ def _bits(bits: int) -> str:
 
 
 def summary_markdown(model: nn.Module, title: str = "Model summary") -> str:
-    """The per-layer table and the whole model's size ratio, in Markdown."""
+    """The per-layer table, the whole model's size ratio and the layers left in full
+    precision with why, in Markdown."""
     rows = layer_summaries(model)
     fp32, packed = model_sizes(model, rows)
+    left = full_precision_layers(model)
     lines = [
         f"# {title}",
         "",
@@ -168,5 +180,13 @@ def summary_markdown(model: nn.Module, title: str = "Model summary") -> str:
         "every other number (biases, BatchNorm, full-precision layers, scales and zero "
         "points, |α|) in float32. A map reads `s=scale [lowest, highest value]`.",
         "",
+        "## Layers in full precision",
+        "",
     ]
+    if not left:
+        lines += ["None: every layer with weights is quantized.", ""]
+    else:
+        lines += ["| layer | why |", "|---|---|"]
+        lines += [f"| {name} | {why} |" for name, why in left.items()]
+        lines.append("")
     return "\n".join(lines)

@@ -27,11 +27,25 @@ import torch
 from torch import Tensor
 
 from ewgs_plugins.hookspecs import hookimpl
-from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
+from ewgs_plugins.quant import (
+    Granularity,
+    IntegerMap,
+    Quantizer,
+    QuantizerMethod,
+    check_granularity,
+)
 from ewgs_plugins.round_site import level_values
 
 #: Guards the normalisation of an all-zero weight tensor (max|tanh(w)| = 0).
 MIN_MAX = 1e-12
+
+
+#: Why the weights have no per-channel form
+PER_CHANNEL_REFUSAL = (
+    "its quantized weights are unitless levels in [-1, 1] (tanh(w) / max|tanh(w)|, with no "
+    "scale to learn or keep), so a per-channel max would stretch every channel to the same "
+    "range"
+)
 
 
 class DorefaWeightQuantizer(Quantizer):
@@ -76,9 +90,13 @@ class DorefaActivationQuantizer(Quantizer):
 
 
 class DorefaMethod(QuantizerMethod):
-    """DoReFa-Net, official-code formulas. No options."""
+    """DoReFa-Net, official-code formulas. ``granularity``: ``per_tensor`` only (see
+    ``PER_CHANNEL_REFUSAL``)."""
 
     name = "dorefa"
+
+    def __init__(self, granularity: Granularity = "per_tensor") -> None:
+        check_granularity(granularity, self.name, PER_CHANNEL_REFUSAL)
 
     def weight_quantizer(self, bits: int) -> Quantizer:
         return DorefaWeightQuantizer(bits)

@@ -31,11 +31,23 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins.hookspecs import hookimpl
-from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
+from ewgs_plugins.quant import (
+    Granularity,
+    IntegerMap,
+    Quantizer,
+    QuantizerMethod,
+    check_granularity,
+)
 from ewgs_plugins.round_site import level_values
 
 #: Smallest interval width the initialisation gives (a constant first batch has σ = 0).
 MIN_WIDTH = 1e-8
+#: Why the weights have no per-channel form
+PER_CHANNEL_REFUSAL = (
+    "its quantized weights are unitless levels 2k/steps - 1 in [-1, 1] and the layer's one "
+    "|α| carries their magnitude, so per-channel bounds l, u would stretch every channel "
+    "to the same range"
+)
 
 
 class IntervalQuantizer(Quantizer):
@@ -114,10 +126,14 @@ class IntervalQuantizer(Quantizer):
 
 class IntervalMethod(QuantizerMethod):
     """The EWGS paper's quantizer: learned bounds ``l, u`` per quantizer and a learned
-    output scale ``|α|`` per layer. No options."""
+    output scale ``|α|`` per layer. ``granularity``: ``per_tensor`` only (see
+    ``PER_CHANNEL_REFUSAL``)."""
 
     name = "interval"
     has_output_scale = True
+
+    def __init__(self, granularity: Granularity = "per_tensor") -> None:
+        check_granularity(granularity, self.name, PER_CHANNEL_REFUSAL)
 
     def weight_quantizer(self, bits: int) -> Quantizer:
         return IntervalQuantizer(bits, signed_output=True)

@@ -328,3 +328,39 @@ def test_a_per_channel_map_exports_to_onnx_with_an_axis(tmp_path) -> None:
     assert axes == [0]  # the weight's DQ, per output channel
     check = check_onnx(path, quantized, torch.rand(64, 1, 8, 8))
     assert check.top1_agreement == 1.0 and check.relative <= 1e-6, check
+
+
+@pytest.mark.parametrize("bits", ["W2A2", "W4A4"])
+def test_a_per_channel_lsq_run_exports_its_axis_and_onnxruntime_agrees(bits, tmp_path) -> None:
+    import onnx
+
+    method = {"name": "lsq", "options": {"granularity": "per_channel"}}
+    run_dir = train_tiny(method, bits, str(tmp_path / "run"))
+    run = load_run(run_dir)
+    images, _ = first_test_images(run.recipe)
+    with torch.no_grad():
+        logits = run.model(images)
+
+    path = export_int(run_dir, tmp_path / "int.safetensors")
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    for name, layer in quantized_layers(run.model).items():
+        entry = manifest["layers"][name]["weight"]
+        assert entry["axis"] == 0 and len(entry["scale"]) == layer.out_channels
+        assert entry["zero_point"] == [0.0] * layer.out_channels
+        assert manifest["layers"][name]["input"]["axis"] is None  # activations: per tensor
+    with torch.no_grad():
+        assert torch.equal(load_int(path)(images), logits)
+
+    onnx_path = export_onnx(run_dir, tmp_path / "model.onnx")
+    nodes = onnx.load(str(onnx_path)).graph.node
+    weight_axes = [
+        a.i
+        for n in nodes
+        if n.op_type == "DequantizeLinear"
+        for a in n.attribute
+        if a.name == "axis"
+    ]
+    assert weight_axes == [0, 0]  # the two quantized convs' weights, per output channel
+    check = check_onnx(onnx_path, run.model, images)
+    assert check.images == 359 and check.top1_agreement == 1.0, check
+    assert check.relative <= 1e-4, check

@@ -298,6 +298,9 @@ class Recipe(Section):
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     #: quantize the first and last layers (null: the method's default; PROFIT: yes)
     quantize_first_last: bool | None = None
+    #: refuse the run if any layer with weights stays in full precision, whatever the
+    #: reason (the first/last-layer rule, an override, a layer without a quantized version)
+    require_all_quantized: bool = False
     #: the two optimizers (defaults: the paper's CIFAR-10 settings)
     optimizers: OptimizersConfig = field(default_factory=OptimizersConfig)
     #: the learning-rate schedule of both optimizers

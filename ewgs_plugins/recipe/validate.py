@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from ..quant import QuantizerMethod, quantizable_layers, unmatched_overrides
+from ..quant import (
+    LayersLeftInFullPrecision,
+    QuantizerMethod,
+    quantizable_layers,
+    quantize_model,
+    unmatched_overrides,
+)
 from .schema import BitsConfig, Recipe
 
 
@@ -39,6 +46,8 @@ def validate(recipe: Recipe) -> None:
             f"{', '.join(overrides[unmatched[0]].layers)} matches no conv/linear layer of "
             f"model {recipe.model.name!r}; its layers: {', '.join(quantizable_layers(model))}",
         )
+    if recipe.require_all_quantized:
+        _check_all_quantized(recipe, model, method, overrides)
     if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
         raise ConfigError(
             "model.weights",
@@ -46,6 +55,28 @@ def validate(recipe: Recipe) -> None:
             "full-precision weights, a state_dict saved with torch.save)",
         )
     recipe.resolve_device()
+
+
+def _check_all_quantized(
+    recipe: Recipe, model: torch.nn.Module, method: QuantizerMethod, overrides: list
+) -> None:
+    """``require_all_quantized``: the conversion of the (``meta``) model leaves no layer
+    in full precision (a ConfigError naming each that it would)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the error names them all
+            quantize_model(
+                model,
+                method,
+                weight_bits=recipe.bits.weights,
+                activation_bits=recipe.bits.activations,
+                quantize_first_last=recipe.quantize_first_last,
+                overrides=overrides,
+                inplace=True,
+                require_all_quantized=True,
+            )
+    except LayersLeftInFullPrecision as error:
+        raise ConfigError("require_all_quantized", str(error)) from None
 
 
 def _check_bits(method: QuantizerMethod, name: str, bits: BitsConfig, key_path: str) -> None:

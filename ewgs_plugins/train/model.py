@@ -33,6 +33,7 @@ def quantized_model(
         quantize_first_last=recipe.quantize_first_last,
         overrides=recipe.layer_overrides(),
         inplace=True,
+        require_all_quantized=recipe.require_all_quantized,
     )
 
 

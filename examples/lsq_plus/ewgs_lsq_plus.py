@@ -32,6 +32,8 @@ symmetric grid ``±s/2``) with LSQ+'s initialisation (Sec. 3.2.1)::
     s = max(|μ − 3σ|, |μ + 3σ|) / 2^(b−1)
 
 with ``μ``, ``σ`` the mean and (population) standard deviation of the layer's weights.
+``granularity: per_channel`` gives the weights one step per output channel (LSQ's
+per-channel form), each initialised by the same formula on that channel's weights.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl, scale_gradient
 from ewgs_plugins.methods.lsq import MIN_STEP, LsqQuantizer
+from ewgs_plugins.quant import Granularity, check_granularity
 
 ActivationInit = Literal["mse", "minmax"]
 #: The MSE search: clip-range resolution (fractions of the batch's span) and sample size.
@@ -55,14 +58,20 @@ MSE_SAMPLES = 16384
 class LsqPlusWeightQuantizer(LsqQuantizer):
     """LSQ's signed weight quantizer, initialised by LSQ+'s ``max(|μ ± 3σ|) / 2^(b−1)``."""
 
-    def __init__(self, bits: int, grad_scale: bool = True) -> None:
-        super().__init__(bits, signed=True, grad_scale=grad_scale)
+    def __init__(self, bits: int, grad_scale: bool = True, per_channel: bool = False) -> None:
+        super().__init__(bits, signed=True, grad_scale=grad_scale, per_channel=per_channel)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         if not self.enabled:
             return
         values = x.detach().float()
+        if self.per_channel:
+            dims = self._channel_dims(values)
+            mean, std = values.mean(dim=dims), values.std(dim=dims, correction=0)
+            bound = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs())
+            self._fill_step(bound / 2 ** (self.bits - 1))
+            return
         mean, std = values.mean(), values.std(correction=0)
         value = float(torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()))
         self.step.fill_(max(value / 2 ** (self.bits - 1), MIN_STEP))
@@ -143,16 +152,23 @@ class LsqPlusActivationQuantizer(Quantizer):
 class LsqPlusMethod(QuantizerMethod):
     """LSQ+: signed LSQ weights with LSQ+'s initialisation; asymmetric activations with a
     learned offset, initialised by ``activation_init`` (``mse`` or ``minmax``).
-    ``grad_scale``: scale the gradients of ``s`` and ``β`` by ``1 / sqrt(N · p)``."""
+    ``grad_scale``: scale the gradients of ``s`` and ``β`` by ``1 / sqrt(N · p)``.
+    ``granularity``: ``per_tensor`` or ``per_channel`` (the weights' steps)."""
 
     name = "lsq_plus"
 
-    def __init__(self, activation_init: ActivationInit = "mse", grad_scale: bool = True) -> None:
+    def __init__(
+        self,
+        activation_init: ActivationInit = "mse",
+        grad_scale: bool = True,
+        granularity: Granularity = "per_tensor",
+    ) -> None:
         self.activation_init = activation_init
         self.grad_scale = grad_scale
+        self.per_channel = check_granularity(granularity, self.name) == "per_channel"
 
     def weight_quantizer(self, bits: int) -> Quantizer:
-        return LsqPlusWeightQuantizer(bits, grad_scale=self.grad_scale)
+        return LsqPlusWeightQuantizer(bits, self.grad_scale, self.per_channel)
 
     def activation_quantizer(self, bits: int) -> Quantizer:
         return LsqPlusActivationQuantizer(bits, self.activation_init, self.grad_scale)

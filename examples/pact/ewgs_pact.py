@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ewgs_plugins import Quantizer, QuantizerMethod, hookimpl
-from ewgs_plugins.methods.dorefa import DorefaWeightQuantizer
+from ewgs_plugins.methods.dorefa import PER_CHANNEL_REFUSAL, DorefaWeightQuantizer
+from ewgs_plugins.quant import check_granularity
 
 #: The paper's initial clip value.
 PAPER_ALPHA_INIT = 10.0
@@ -66,13 +67,17 @@ class PactActivationQuantizer(Quantizer):
 
 class PactMethod(QuantizerMethod):
     """PACT activations (learned clip α, initialised to ``alpha_init``) and DoReFa weights.
-    The first and last layers stay full precision unless the recipe says otherwise."""
+    The first and last layers stay full precision unless the recipe says otherwise.
+    ``granularity``: ``per_tensor`` only (the weights are DoReFa's, which have none)."""
 
     name = "pact"
 
-    def __init__(self, alpha_init: float = PAPER_ALPHA_INIT) -> None:
+    def __init__(
+        self, alpha_init: float = PAPER_ALPHA_INIT, granularity: str = "per_tensor"
+    ) -> None:
         if not alpha_init > 0:
             raise ValueError(f"alpha_init must be > 0, got {alpha_init}")
+        check_granularity(granularity, self.name, "weights are DoReFa's: " + PER_CHANNEL_REFUSAL)
         self.alpha_init = alpha_init
 
     def weight_quantizer(self, bits: int) -> Quantizer:

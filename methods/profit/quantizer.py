@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ewgs_plugins.quant import IntegerMap, Quantizer, QuantizerMethod
+from ewgs_plugins.quant import (
+    Granularity,
+    IntegerMap,
+    Quantizer,
+    QuantizerMethod,
+    check_granularity,
+)
 
 from .._common import SignFromFirstBatch, percentile
 
@@ -105,11 +111,20 @@ class ProfitQuantizer(SignFromFirstBatch):
 
 
 class ProfitMethod(QuantizerMethod):
-    """PROFIT's DuQ quantizer; every layer quantized; training strategy ``profit``."""
+    """PROFIT's DuQ quantizer; every layer quantized; training strategy ``profit``.
+    ``granularity``: ``per_tensor`` only (PROFIT's code has one ``a`` and ``c`` per
+    quantizer; per-channel ones are not offered)."""
 
     name = "profit"
     quantize_first_last = True
     callbacks = ("profit",)
+
+    def __init__(self, granularity: Granularity = "per_tensor") -> None:
+        check_granularity(
+            granularity,
+            self.name,
+            "PROFIT's code learns one a and one c per quantizer and this method keeps to it",
+        )
 
     def weight_quantizer(self, bits: int) -> Quantizer:
         return ProfitQuantizer(bits, signed=True)

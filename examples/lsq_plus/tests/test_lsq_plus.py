@@ -151,3 +151,26 @@ def test_a_demo_sized_run_trains_lsq_plus_under_ewgs(tmp_path):
     # initialised from the data (the constructor's s = 1, β = 0 are not kept)
     assert all(float(q.step.detach()) != 1.0 for q in activations if q.enabled)
     assert any(float(q.offset.detach()) != 0.0 for q in activations if q.enabled)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 8), st.integers(0, 10_000), st.sampled_from([2, 3, 4]))
+def test_per_channel_weights_start_at_the_lsq_plus_formula_of_each_channel(
+    channels, inner, seed, bits
+):
+    w = torch.randn(channels, inner, generator=torch.Generator().manual_seed(seed))
+    w = w * torch.arange(1, channels + 1).view(-1, 1)
+    q = LsqPlusMethod(granularity="per_channel").weight_quantizer(bits)
+    q.bind_weight(w.shape, 0)
+    q.initialize(w)
+    for c in range(channels):
+        single = LsqPlusWeightQuantizer(bits)
+        single.initialize(w[c : c + 1])
+        assert float(q.step.detach()[c]) == pytest.approx(float(single.step.detach()), rel=1e-5)
+    codes, imap = q.integer_codes(w), q.integer_map()
+    assert imap.axis == 0 and imap.low <= int(codes.min()) <= int(codes.max()) <= imap.high
+
+
+def test_a_bad_granularity_is_refused_by_name():
+    with pytest.raises(ValueError, match="lsq_plus.*granularity"):
+        LsqPlusMethod(granularity="per_row")

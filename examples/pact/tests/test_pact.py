@@ -107,3 +107,9 @@ def test_a_demo_sized_run_trains_pact_under_ewgs(tmp_path):
     optimizer = trainer.optimizers["quantizer"]
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == set(map(id, alphas))
     assert all(g["weight_decay"] > 0 for g in optimizer.param_groups)
+
+
+def test_per_channel_weights_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="'pact' has no per-channel weights: weights are DoReFa"):
+        PactMethod(granularity="per_channel")
+    assert PactMethod(granularity="per_tensor").alpha_init == 10.0
