@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from .. import weights
 from ..errors import ConfigError
 from ..quant import QuantizerMethod, quantizable_layers, unmatched_overrides
 from .schema import BitsConfig, Recipe
@@ -39,12 +38,8 @@ def validate(recipe: Recipe) -> None:
             f"{', '.join(overrides[unmatched[0]].layers)} matches no conv/linear layer of "
             f"model {recipe.model.name!r}; its layers: {', '.join(quantizable_layers(model))}",
         )
-    if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
-        raise ConfigError(
-            "model.weights",
-            f"file not found: {recipe.model.weights} (expected a local file of "
-            "full-precision weights, a state_dict saved with torch.save)",
-        )
+    if recipe.model.weights is not None:
+        weights.check(recipe.model.weights, "model.weights")
     recipe.resolve_device()
 
 
