@@ -738,9 +738,16 @@ class SplitDataset(DatasetSpec):
         size = len(dataset) if size is None else size  # type: ignore[arg-type]
         stop = size if split.stop is None else split.stop
         if stop > size or split.start >= size:
+            hint = (
+                "data.train: train takes them all"
+                if key_path == "data.train"
+                else "a root holding only a subset evaluates on its own test files with "
+                "data.val: test"
+            )
             raise ConfigError(
                 key_path,
-                f"{split.text} is out of range: the training set of data.root has {size} images",
+                f"{split.text} is out of range: the training set of data.root has {size} "
+                f"images ({hint})",
             )
         return Subset(dataset, range(split.start, stop))
 
