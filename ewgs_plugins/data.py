@@ -498,6 +498,8 @@ class Npz(DatasetSpec):
     def __post_init__(self) -> None:
         if not 0 <= self.shift <= 8:
             raise ValueError(f"shift must be 0..8 pixels, got {self.shift}")
+        if self.classes is not None and self.classes < 1:
+            raise ValueError(f"classes must be >= 1, got {self.classes}")
 
     def _open(self, root: str | None) -> Any:
         path = _need_root(root, "npz", self.HOW)
@@ -534,6 +536,11 @@ class Npz(DatasetSpec):
             )
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise ConfigError("data.root", f"{root}: y_{split} must hold integers >= 0")
+        if self.classes is not None and len(y) and y.max() >= self.classes:
+            raise ConfigError(
+                "data.options.classes",
+                f"{self.classes} classes, but y_{split} of {root} holds label {int(y.max())}",
+            )
         images = torch.from_numpy(np.ascontiguousarray(x))
         images = images.unsqueeze(-1) if images.dim() == 3 else images
         images = images.permute(0, 3, 1, 2).float()

@@ -178,5 +178,7 @@ def test_npz_arrays_with_and_without_a_test_split(tmp_path):
     held_out = with_splits(spec, "train[0:20]", "train[20:30]")
     assert len(held_out.test_set(str(only_train))) == 10
     assert held_out.train_set(str(only_train))[0][0].shape == (1, 6, 6)
+    with pytest.raises(ConfigError, match=r"^data\.options\.classes: 3 classes, but y_train"):
+        Npz(classes=3).train_set(str(path))
     with pytest.raises(ConfigError, match=r"^data\.root: .*nope\.npz not found"):
         spec.check(str(tmp_path / "nope.npz"))
