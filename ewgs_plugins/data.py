@@ -1,15 +1,24 @@
-"""Datasets by name (the ``ewgs_datasets`` hook): ``cifar10``, ``imagenet``, ``digits``.
+"""Datasets by name (the ``ewgs_datasets`` hook): ``cifar10``, ``imagenet``,
+``imagefolder``, ``npz``, ``digits``; and splits of them by index (``data.train``,
+``data.val``).
 
 A dataset plugin's factory takes the recipe's ``data.options`` and returns a
 ``DatasetSpec``: cheap to make (it reads no data), it checks that the files are there
 and builds the training and test sets from ``data.root``. Every problem with the files
 is a ``ConfigError`` at ``data.root`` saying what was expected and how to get the data.
+
+Splits: ``data.train`` is ``train`` (the whole training set) or a range of it,
+``train[0:10000]`` (images 0..9,999 in the dataset's own order); ``data.val`` is
+``test`` (the dataset's official test or validation set) or a range of the training set
+held out for validation, ``train[10000:12000]``, read without training augmentation.
+The two ranges may not overlap, and the official test set stays untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .errors import ConfigError
 from .hookspecs import hookimpl
@@ -42,6 +51,20 @@ class DatasetSpec:
     def test_set(self, root: str | None) -> Dataset:
         """The test (validation) set, without augmentation."""
         raise NotImplementedError
+
+    def eval_train_set(self, root: str | None) -> Dataset:
+        """The training set in the same order, with the test set's transform (no
+        augmentation): what a validation range (``data.val: train[a:b]``) is cut from."""
+        raise ConfigError(
+            "data.val",
+            f"dataset {type(self).__name__} cannot hold out validation images from its "
+            "training set (it has no eval_train_set); use data.val: test",
+        )
+
+    def train_size(self, root: str | None) -> int | None:
+        """The number of training images if known without reading the data (checks a
+        split's range before training starts), else None."""
+        return None
 
 
 def _need_root(root: str | None, dataset: str, how: str) -> Path:
@@ -213,10 +236,19 @@ class Cifar10(DatasetSpec):
         return ArrayImages(*self._images(root, True), T.Compose([*augment, *normalize]))
 
     def test_set(self, root: str | None) -> Dataset:
+        return ArrayImages(*self._images(root, False), self._plain())
+
+    def eval_train_set(self, root: str | None) -> Dataset:
+        return ArrayImages(*self._images(root, True), self._plain())
+
+    def train_size(self, root: str | None) -> int | None:
+        return 50_000 if self.verify else None
+
+    @staticmethod
+    def _plain() -> Callable:
         from torchvision import transforms as T
 
-        transform = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-        return ArrayImages(*self._images(root, False), transform)
+        return T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
 
 class ArrayImages(Dataset):
@@ -243,10 +275,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageNet(DatasetSpec):
     """ImageNet (ILSVRC-2012) as two ImageFolder trees, ``ROOT/train/<class>/*`` and
     ``ROOT/val/<class>/*``. Training: RandomResizedCrop ``image_size`` + horizontal
-    flip; validation: Resize ``resize`` + CenterCrop ``image_size``; normalized."""
+    flip; validation: Resize ``resize`` + CenterCrop ``image_size``; normalized.
+
+    Subsets: ``classes`` keeps the first N class folders in sorted order, or the named
+    ones (in both trees; labels are renumbered 0..N-1 in that order);
+    ``images_per_class`` keeps the first N images of each class of the training tree
+    (in sorted file order; the validation tree stays whole)."""
 
     image_size: int = 224
     resize: int = 256
+    classes: int | list[str] | None = None
+    images_per_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.resize < self.image_size:
@@ -254,12 +293,22 @@ class ImageNet(DatasetSpec):
                 f"expected 1 <= image_size <= resize, got image_size={self.image_size}, "
                 f"resize={self.resize}"
             )
+        if isinstance(self.classes, int) and self.classes < 1:
+            raise ValueError(
+                f"classes must be >= 1 (or a list of class folders), got {self.classes}"
+            )
+        if isinstance(self.classes, list) and not self.classes:
+            raise ValueError("classes is an empty list")
+        if self.images_per_class is not None and self.images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1, got {self.images_per_class}")
 
     HOW = (
         "get ILSVRC-2012 from https://image-net.org and unpack it so that ROOT/train and "
         "ROOT/val each hold one folder per class with its images (the validation images "
         "sorted into class folders)"
     )
+    VAL = "val"
+    NAME = "imagenet"
 
     def _classes(self, folder: Path) -> list[str]:
         if not folder.is_dir():
@@ -269,19 +318,39 @@ class ImageNet(DatasetSpec):
             raise ConfigError("data.root", f"{folder} holds no class folder; {self.HOW}")
         return classes
 
+    def _chosen(self, base: Path) -> list[str]:
+        """The class folders used, in label order."""
+        every = self._classes(base / "train")
+        if self.classes is None:
+            return every
+        if isinstance(self.classes, int):
+            if self.classes > len(every):
+                raise ConfigError(
+                    "data.options.classes",
+                    f"{self.classes} classes asked for, {base / 'train'} has {len(every)}",
+                )
+            return every[: self.classes]
+        absent = [name for name in self.classes if name not in every]
+        if absent:
+            raise ConfigError(
+                "data.options.classes", f"{absent[0]!r} is not a class folder of {base / 'train'}"
+            )
+        return list(dict.fromkeys(self.classes))
+
     def check(self, root: str | None) -> None:
-        base = _need_root(root, "imagenet", self.HOW)
-        train, val = self._classes(base / "train"), self._classes(base / "val")
+        base = _need_root(root, self.NAME, self.HOW)
+        train, val = self._classes(base / "train"), self._classes(base / self.VAL)
         if train != val:
             only = sorted(set(train) ^ set(val))
             raise ConfigError(
                 "data.root",
-                f"{base / 'train'} and {base / 'val'} have different class folders "
+                f"{base / 'train'} and {base / self.VAL} have different class folders "
                 f"(e.g. {only[0]!r} is only in one)",
             )
+        self._chosen(base)
 
     def num_classes(self, root: str | None) -> int:
-        return len(self._classes(_need_root(root, "imagenet", self.HOW) / "train"))
+        return len(self._chosen(_need_root(root, self.NAME, self.HOW)))
 
     def _folder(self, root: str | None, split: str, transform: Callable) -> Dataset:
         from torchvision.datasets import ImageFolder
@@ -289,14 +358,19 @@ class ImageNet(DatasetSpec):
         self.check(root)
         folder = Path(str(root)) / split
         try:
-            return ImageFolder(str(folder), transform=transform)
+            dataset = ImageFolder(str(folder), transform=transform)
         except (FileNotFoundError, RuntimeError) as error:
             raise ConfigError("data.root", f"{folder}: {error}; {self.HOW}") from None
+        chosen = self._chosen(Path(str(root)))
+        per_class = self.images_per_class if split == "train" else None
+        if chosen != dataset.classes or per_class is not None:
+            _keep(dataset, chosen, per_class)
+        return dataset
 
-    def train_set(self, root: str | None) -> Dataset:
+    def train_transform(self) -> Callable:
         from torchvision import transforms as T
 
-        transform = T.Compose(
+        return T.Compose(
             [
                 T.RandomResizedCrop(self.image_size),
                 T.RandomHorizontalFlip(),
@@ -304,12 +378,11 @@ class ImageNet(DatasetSpec):
                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        return self._folder(root, "train", transform)
 
-    def test_set(self, root: str | None) -> Dataset:
+    def test_transform(self) -> Callable:
         from torchvision import transforms as T
 
-        transform = T.Compose(
+        return T.Compose(
             [
                 T.Resize(self.resize),
                 T.CenterCrop(self.image_size),
@@ -317,7 +390,189 @@ class ImageNet(DatasetSpec):
                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        return self._folder(root, "val", transform)
+
+    def train_set(self, root: str | None) -> Dataset:
+        return self._folder(root, "train", self.train_transform())
+
+    def test_set(self, root: str | None) -> Dataset:
+        return self._folder(root, self.VAL, self.test_transform())
+
+    def eval_train_set(self, root: str | None) -> Dataset:
+        return self._folder(root, "train", self.test_transform())
+
+
+def _keep(dataset: Any, classes: list[str], per_class: int | None) -> None:
+    """Keep in a torchvision ``ImageFolder`` the images of ``classes`` (relabelled 0..N-1
+    in that order), at most ``per_class`` of each (the first in sorted file order)."""
+    label = {
+        dataset.classes[old]: new for new, old in enumerate(map(dataset.class_to_idx.get, classes))
+    }
+    kept: list[tuple[str, int]] = []
+    counts: dict[int, int] = {}
+    for path, old in dataset.samples:
+        new = label.get(dataset.classes[old])
+        if new is None or (per_class is not None and counts.get(new, 0) >= per_class):
+            continue
+        counts[new] = counts.get(new, 0) + 1
+        kept.append((path, new))
+    dataset.samples = dataset.imgs = kept
+    dataset.targets = [target for _, target in kept]
+    dataset.classes = list(classes)
+    dataset.class_to_idx = {name: index for index, name in enumerate(classes)}
+
+
+@dataclass
+class ImageFolderData(ImageNet):
+    """Your own images, one folder per class: ``ROOT/train/<class>/*`` and
+    ``ROOT/val/<class>/*`` (any size, any format PIL reads; same class folders in
+    both). Every image is resized to ``image_size`` × ``image_size``; training adds a
+    random crop with ``image_size // 8`` pixels of padding and a horizontal flip
+    (``augment``); both are normalized with ``mean`` and ``std`` per channel (ImageNet's
+    by default). ``classes`` and ``images_per_class`` as for ``imagenet``."""
+
+    image_size: int = 32
+    resize: int = 0
+    augment: bool = True
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    HOW = (
+        "put one folder per class under ROOT/train and the same class folders under "
+        "ROOT/val, each holding that class's images"
+    )
+    NAME = "imagefolder"
+
+    def __post_init__(self) -> None:
+        self.resize = self.resize or self.image_size
+        super().__post_init__()
+
+    def _normalize(self) -> Any:
+        from torchvision import transforms as T
+
+        return T.Normalize(self.mean or IMAGENET_MEAN, self.std or IMAGENET_STD)
+
+    def train_transform(self) -> Callable:
+        from torchvision import transforms as T
+
+        size = self.image_size
+        augment = (
+            [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+            if self.augment
+            else []
+        )
+        resize = T.Resize((size, size))
+        return T.Compose([T.Lambda(_rgb), resize, *augment, T.ToTensor(), self._normalize()])
+
+    def test_transform(self) -> Callable:
+        from torchvision import transforms as T
+
+        resize = T.Resize((self.image_size, self.image_size))
+        return T.Compose([T.Lambda(_rgb), resize, T.ToTensor(), self._normalize()])
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+@dataclass
+class Npz(DatasetSpec):
+    """Your own arrays: ``data.root`` is a NumPy ``.npz`` file holding ``x_train``,
+    ``y_train`` and (for ``data.val: test``) ``x_test``, ``y_test``. Images are
+    ``(N, H, W)`` or ``(N, H, W, C)`` (channels last): uint8 (0..255) or floats in
+    [0, 1]; labels are integers 0..K-1 (K: ``classes``, or by default the largest label + 1).
+    Normalized with the training images' mean and std; training shifts each image by up
+    to ``shift`` pixels. Read with ``allow_pickle=False``: arrays only, never code."""
+
+    classes: int | None = None
+    shift: int = 0
+
+    KEYS = ("x_train", "y_train")
+    HOW = (
+        "save your arrays with numpy.savez(ROOT, x_train=..., y_train=..., x_test=..., "
+        "y_test=...) and set data.root to that file"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shift <= 8:
+            raise ValueError(f"shift must be 0..8 pixels, got {self.shift}")
+        if self.classes is not None and self.classes < 1:
+            raise ValueError(f"classes must be >= 1, got {self.classes}")
+
+    def _open(self, root: str | None) -> Any:
+        path = _need_root(root, "npz", self.HOW)
+        if not path.is_file():
+            raise ConfigError("data.root", f"{path} not found; {self.HOW}")
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as error:  # a user's file: any failure to read it is bad input
+            raise ConfigError(
+                "data.root", f"{path}: not an .npz file ({type(error).__name__}: {error})"
+            ) from None
+
+    def check(self, root: str | None) -> None:
+        with self._open(root) as arrays:
+            absent = [key for key in self.KEYS if key not in arrays.files]
+        if absent:
+            raise ConfigError("data.root", f"{root} has no array {absent[0]!r}; {self.HOW}")
+
+    def _arrays(self, root: str | None, split: str) -> tuple[Tensor, Tensor]:
+        with self._open(root) as arrays:
+            if f"x_{split}" not in arrays.files or f"y_{split}" not in arrays.files:
+                raise ConfigError(
+                    "data.val",
+                    f"{root} has no x_{split}/y_{split}; add them, or hold out validation "
+                    "images from the training arrays with data.val: train[START:STOP]",
+                )
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"{root}: x_{split}"
+        if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
+            raise ConfigError(
+                "data.root",
+                f"{where} must be (N, H, W) or (N, H, W, C) with y_{split} of N labels, got "
+                f"{x.shape} and {y.shape}",
+            )
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise ConfigError("data.root", f"{root}: y_{split} must hold integers >= 0")
+        if self.classes is not None and len(y) and y.max() >= self.classes:
+            raise ConfigError(
+                "data.options.classes",
+                f"{self.classes} classes, but y_{split} of {root} holds label {int(y.max())}",
+            )
+        images = torch.from_numpy(np.ascontiguousarray(x))
+        images = images.unsqueeze(-1) if images.dim() == 3 else images
+        images = images.permute(0, 3, 1, 2).float()
+        if x.dtype == np.uint8:
+            images = images / 255.0
+        elif not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError("data.root", f"{where} must be uint8 or floating, got {x.dtype}")
+        return images, torch.from_numpy(y.astype(np.int64))
+
+    def num_classes(self, root: str | None) -> int:
+        if self.classes is not None:
+            return self.classes
+        return int(self._arrays(root, "train")[1].max()) + 1
+
+    def _sets(self, root: str | None) -> tuple[Tensor, Tensor, float, float]:
+        x, y = self._arrays(root, "train")
+        return x, y, float(x.mean()), float(x.std())
+
+    def train_set(self, root: str | None) -> Dataset:
+        x, y, mean, std = self._sets(root)
+        return TensorImages(x, y, mean, std, shift=self.shift)
+
+    def eval_train_set(self, root: str | None) -> Dataset:
+        x, y, mean, std = self._sets(root)
+        return TensorImages(x, y, mean, std)
+
+    def test_set(self, root: str | None) -> Dataset:
+        _, _, mean, std = self._sets(root)
+        return TensorImages(*self._arrays(root, "test"), mean, std)
+
+    def train_size(self, root: str | None) -> int | None:
+        return None
 
 
 # -------------------------------------------------------------------------- digits
@@ -405,10 +660,153 @@ class Digits(DatasetSpec):
     def train_set(self, root: str | None) -> Dataset:
         return self._sets()[0]
 
+    def eval_train_set(self, root: str | None) -> Dataset:
+        train = self._sets()[0]
+        return TensorImages(train.images, train.labels, train.mean, train.std)
+
     def test_set(self, root: str | None) -> Dataset:
         return self._sets()[1]
 
 
+# --------------------------------------------------------------------------- splits
+
+_RANGE = re.compile(r"train\[(\d*):(\d*)\]")
+
+
+@dataclass(frozen=True)
+class Split:
+    """``train`` / ``test`` (a whole set) or ``train[start:stop]`` (``stop`` None: to the end)."""
+
+    text: str
+    source: str
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def is_range(self) -> bool:
+        return self.source == "train" and self.text != "train"
+
+    def overlaps(self, other: Split) -> bool:
+        if self.source != "train" or other.source != "train":
+            return False
+        end, other_end = self.stop or float("inf"), other.stop or float("inf")
+        return self.start < other_end and other.start < end
+
+
+def parse_split(text: str, key_path: str, whole: str) -> Split:
+    """``text`` of ``data.train`` (``whole`` = ``train``) or ``data.val`` (``test``)."""
+    if text == whole:
+        return Split(text, whole)
+    match = _RANGE.fullmatch(text.replace(" ", ""))
+    if match is None:
+        raise ConfigError(
+            key_path,
+            f"expected {whole} or a range of the training set such as train[0:10000], got {text!r}",
+        )
+    start = int(match[1]) if match[1] else 0
+    stop = int(match[2]) if match[2] else None
+    if stop is not None and stop <= start:
+        raise ConfigError(key_path, f"{text}: the range is empty (expected start < stop)")
+    return Split(f"train[{start}:{'' if stop is None else stop}]", "train", start, stop)
+
+
+def check_splits(train: str, val: str, key_path: str = "data") -> tuple[Split, Split]:
+    """The parsed ``data.train`` and ``data.val``; a ``ConfigError`` if either is malformed
+    or they overlap (validation images must not be trained on)."""
+    train_split = parse_split(train, f"{key_path}.train", "train")
+    val_split = parse_split(val, f"{key_path}.val", "test")
+    if train_split.overlaps(val_split):
+        raise ConfigError(
+            f"{key_path}.val",
+            f"{val_split.text} overlaps the training images ({train_split.text}); hold the "
+            "validation range out of data.train (e.g. train: train[0:10000], "
+            "val: train[10000:12000])",
+        )
+    return train_split, val_split
+
+
+def evaluated_split(val: str) -> str:
+    """What ``data.val`` evaluates on, in words for the report: ``official test set`` or
+    ``validation from train[10000:12000]``."""
+    return "official test set" if val == "test" else f"validation from {val}"
+
+
+@dataclass
+class SplitDataset(DatasetSpec):
+    """``spec`` with ``data.train`` and ``data.val`` applied (``with_splits``)."""
+
+    spec: DatasetSpec
+    train: Split
+    val: Split
+
+    def _cut(
+        self, dataset: Dataset, split: Split, key_path: str, size: int | None = None
+    ) -> Dataset:
+        size = len(dataset) if size is None else size  # type: ignore[arg-type]
+        stop = size if split.stop is None else split.stop
+        if stop > size or split.start >= size:
+            hint = (
+                "data.train: train takes them all"
+                if key_path == "data.train"
+                else "a root holding only a subset evaluates on its own test files with "
+                "data.val: test"
+            )
+            raise ConfigError(
+                key_path,
+                f"{split.text} is out of range: the training set of data.root has {size} "
+                f"images ({hint})",
+            )
+        return Subset(dataset, range(split.start, stop))
+
+    def check(self, root: str | None) -> None:
+        self.spec.check(root)
+        size = self.spec.train_size(root)
+        if size is not None:
+            for split, key in ((self.train, "data.train"), (self.val, "data.val")):
+                if split.is_range:
+                    self._cut(_Sized(size), split, key, size)
+
+    def num_classes(self, root: str | None) -> int:
+        return self.spec.num_classes(root)
+
+    def train_set(self, root: str | None) -> Dataset:
+        whole = self.spec.train_set(root)
+        return self._cut(whole, self.train, "data.train") if self.train.is_range else whole
+
+    def test_set(self, root: str | None) -> Dataset:
+        if not self.val.is_range:
+            return self.spec.test_set(root)
+        return self._cut(self.spec.eval_train_set(root), self.val, "data.val")
+
+    def eval_train_set(self, root: str | None) -> Dataset:
+        return self.spec.eval_train_set(root)
+
+    def train_size(self, root: str | None) -> int | None:
+        return self.spec.train_size(root)
+
+
+class _Sized(Dataset):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def with_splits(spec: DatasetSpec, train: str = "train", val: str = "test") -> DatasetSpec:
+    """``spec`` itself for the whole training and test sets, else a ``SplitDataset``."""
+    train_split, val_split = check_splits(train, val)
+    if not (train_split.is_range or val_split.is_range):
+        return spec
+    return SplitDataset(spec, train_split, val_split)
+
+
 @hookimpl
 def ewgs_datasets() -> Mapping[str, Callable[..., Any]]:
-    return {"cifar10": Cifar10, "imagenet": ImageNet, "digits": Digits}
+    return {
+        "cifar10": Cifar10,
+        "imagenet": ImageNet,
+        "imagefolder": ImageFolderData,
+        "npz": Npz,
+        "digits": Digits,
+    }

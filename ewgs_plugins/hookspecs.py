@@ -51,6 +51,12 @@ class RegistrySpec:
         """Training callbacks: name -> factory returning an object implementing
         some of the ``LifecycleSpec`` hooks (a training strategy, a schedule, a logger)."""
 
+    @hookspec
+    def ewgs_weights(self) -> Mapping[str, Callable[..., Any]]:
+        """Full-precision weights by name (what ``model.weights`` may name): name ->
+        ``ewgs_plugins.weights.PublishedWeights(url, sha256, model)``, which, called,
+        returns the verified local file."""
+
 
 class LifecycleSpec:
     """Training-lifecycle hooks, called on the callbacks of one run.

@@ -1,6 +1,7 @@
 """Models by name (the ``ewgs_models`` hook) and loading full-precision weights.
 
-- ``resnet20``: ResNet-20 for CIFAR (He et al. 2016, Sec. 4.2) with option-A shortcuts
+- ``resnet20`` (and ``resnet32``, ``resnet44``, ``resnet56``, ``resnet110``,
+  ``resnet1202``): the ResNets for CIFAR (He et al. 2016, Sec. 4.2) with option-A shortcuts
   (parameter-free: stride-2 subsampling and zero-padded channels), in the common public
   layout ``conv1, bn1, layer1..3, linear`` (``layerK.J.{conv1,bn1,conv2,bn2}``), so
   public full-precision checkpoints load. ``bn_before_linear`` adds the
@@ -12,6 +13,11 @@
 - ``digits_cnn``: a small CNN for scikit-learn's 1×8×8 digits (the offline demo).
 
 Every factory takes ``num_classes`` and typed options.
+
+Published full-precision weights by name (the ``ewgs_weights`` hook, ``PUBLISHED``): the
+CIFAR-10 ResNets of github.com/akamaster/pytorch_resnet_cifar10 (``resnet20`` ...
+``resnet1202``) and torchvision's ImageNet weights (``resnet18``, ``resnet34``,
+``resnet101``, ``mobilenet_v2``: their ``IMAGENET1K_V1``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from . import weights
 from .errors import load_failure
 from .hookspecs import hookimpl
 from .quant import QUANT_LAYERS, Quantizer
+from .weights import PublishedWeights
 
 
 def _check_classes(num_classes: int) -> None:
@@ -105,6 +113,20 @@ def resnet20(num_classes: int = 10, bn_before_linear: bool = False) -> nn.Module
     return CifarResNet(3, num_classes, bn_before_linear)
 
 
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+    def factory(num_classes: int = 10, bn_before_linear: bool = False) -> nn.Module:
+        _check_classes(num_classes)
+        return CifarResNet((depth - 2) // 6, num_classes, bn_before_linear)
+
+    factory.__name__ = f"resnet{depth}"
+    factory.__doc__ = f"ResNet-{depth} for CIFAR (option-A shortcuts, as ``resnet20``)."
+    return factory
+
+
+#: the deeper CIFAR ResNets (6n+2 layers) of the same layout as ``resnet20``
+CIFAR_RESNETS = {f"resnet{d}": _cifar_resnet(d) for d in (32, 44, 56, 110, 1202)}
+
+
 # ---------------------------------------------------------------------------- ImageNet
 
 
@@ -167,6 +189,7 @@ def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1) -> 
 def ewgs_models() -> Mapping[str, Callable[..., Any]]:
     return {
         "resnet20": resnet20,
+        **CIFAR_RESNETS,
         "resnet18": resnet18,
         "resnet34": resnet34,
         "resnet101": resnet101,
@@ -176,6 +199,44 @@ def ewgs_models() -> Mapping[str, Callable[..., Any]]:
 
 
 # ---------------------------------------------------------------------------- weights
+
+_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models"
+_TORCHVISION = "https://download.pytorch.org/models"
+
+#: weights name -> where it is published and its SHA-256 (whole where it was checked,
+#: else the file name's 8 hex digits)
+PUBLISHED: dict[str, PublishedWeights] = {
+    "resnet20": PublishedWeights(
+        f"{_AKAMASTER}/resnet20-12fca82f.th",
+        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+        "resnet20",
+    ),
+    **{
+        f"resnet{depth}": PublishedWeights(
+            f"{_AKAMASTER}/resnet{depth}-{prefix}.th", prefix, f"resnet{depth}"
+        )
+        for depth, prefix in (
+            (32, "d509ac18"),
+            (44, "014dd654"),
+            (56, "4bfd9763"),
+            (110, "1d1ed7c2"),
+            (1202, "f3b1deed"),
+        )
+    },
+    "resnet18": PublishedWeights(f"{_TORCHVISION}/resnet18-f37072fd.pth", "f37072fd", "resnet18"),
+    "resnet34": PublishedWeights(f"{_TORCHVISION}/resnet34-b627a593.pth", "b627a593", "resnet34"),
+    "resnet101": PublishedWeights(
+        f"{_TORCHVISION}/resnet101-63fe2227.pth", "63fe2227", "resnet101"
+    ),
+    "mobilenet_v2": PublishedWeights(
+        f"{_TORCHVISION}/mobilenet_v2-b0353104.pth", "b0353104", "mobilenet_v2"
+    ),
+}
+
+
+@hookimpl
+def ewgs_weights() -> Mapping[str, Callable[..., Any]]:
+    return dict(PUBLISHED)
 
 
 def _quantizer_keys(model: nn.Module) -> set[str]:
@@ -203,8 +264,10 @@ def _listed(keys: set[str] | list[str], limit: int = 10) -> str:
 
 
 def load_full_precision(model: nn.Module, path: str | Path) -> None:
-    """Load full-precision weights from the local file ``path`` into ``model`` (a
-    full-precision model, or one already converted by ``quantize_model``).
+    """Load full-precision weights from the local file ``path``, or from the file of the
+    registered weights name ``path`` (``weights.resolve``: fetched into the hub cache and
+    verified), into ``model`` (a full-precision model, or one already converted by
+    ``quantize_model``).
 
     The file holds a state_dict (``torch.save(model.state_dict(), path)``) or a dict
     holding one under ``state_dict`` or ``model`` (a training checkpoint); keys may carry
@@ -215,6 +278,8 @@ def load_full_precision(model: nn.Module, path: str | Path) -> None:
     model, or a shape that differs, is a ``ValueError`` naming the file and the keys;
     a missing file is a ``FileNotFoundError`` naming it.
     """
+    if isinstance(path, str) and weights.is_registered(path):
+        path = weights.resolve(path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"full-precision weights file not found: {path}")

@@ -32,6 +32,8 @@ from .quant import (
     set_quantizer_bits,
 )
 from .registry import registry
+from .weights import check as check_weights
+from .weights import resolve as resolve_weights
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -54,14 +56,13 @@ def load_teacher(
     model: str, options: Mapping[str, Any], weights: str | Path, num_classes: int
 ) -> nn.Module:
     """The teacher: the registered model ``model`` (with ``options``) and the weights in
-    the local file ``weights``, which is either a checkpoint of this trainer
+    the local file ``weights`` (or the file of a registered weights name), which is
+    either a checkpoint of this trainer
     (``checkpoint_last.pt`` of a run, a full-precision one typically: the model is
     rebuilt as that run quantized it, at its final bit-widths) or a plain state_dict
     (read as ``models.load_full_precision`` reads it). Errors name the key and file."""
     where = "teacher.weights"
-    path = Path(weights)
-    if not path.is_file():
-        raise ConfigError(where, f"file not found: {path}")
+    path = resolve_weights(weights, where)
     entry = registry().get("model", model, "teacher.model")
     built = call_with_options(
         entry.factory,
@@ -117,7 +118,8 @@ class Distill:
     is a fixed function and its running statistics never change). The mean term of each
     epoch is logged as ``distill_loss``.
 
-    ``teacher``: ``{model: registered name, options: {...}, weights: local file}``; the
+    ``teacher``: ``{model: registered name, options: {...}, weights: local file or
+    registered weights name}``; the
     file is a run's ``checkpoint_last.pt`` or a plain state_dict (see ``load_teacher``).
     """
 
@@ -138,12 +140,7 @@ class Distill:
         options = teacher.get("options") or {}
         if not isinstance(options, Mapping):
             raise ConfigError("teacher.options", f"expected a mapping, got {options!r}")
-        if not Path(teacher["weights"]).is_file():
-            raise ConfigError(
-                "teacher.weights",
-                f"file not found: {teacher['weights']} (a run's checkpoint_last.pt or a "
-                "state_dict saved with torch.save)",
-            )
+        check_weights(teacher["weights"], "teacher.weights")
         if not temperature > 0:
             raise ConfigError("temperature", f"expected a number > 0, got {temperature}")
         if not weight >= 0:

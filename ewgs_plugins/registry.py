@@ -26,6 +26,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "model": ("ewgs_models", "model"),
     "dataset": ("ewgs_datasets", "dataset"),
     "callback": ("ewgs_callbacks", "training callback"),
+    "weights": ("ewgs_weights", "weights name"),
 }
 
 

@@ -193,6 +193,12 @@ def _sides_json(group: Group, rules: Sequence[str]) -> dict[str, Any]:
     return sides
 
 
+def _evaluated(runs: Sequence[RunResult]) -> str:
+    """What the runs' top-1 was measured on (``RunResult.evaluated``), one phrase, or
+    the phrases joined when runs differ."""
+    return "; ".join(sorted({run.evaluated for run in runs}))
+
+
 def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
     """The report's numbers as JSON (``summary.json``); the README documents the schema."""
     index = {id(group): i for i, group in enumerate(analysis.groups)}
@@ -201,6 +207,7 @@ def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
             "method": group.method,
             "bits": group.bits,
             "settings": group.settings,
+            "evaluated": _evaluated(group.runs),
             "runs": _sides_json(group, analysis.rules),
             "comparisons": [_comparison_json(c, root) for c in group.comparisons],
             "unpaired": [
@@ -215,6 +222,7 @@ def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
         "confidence": CONFIDENCE,
         "baseline": BASELINE,
         "rules": analysis.rules,
+        "evaluated": _evaluated([run for group in analysis.groups for run in group.runs]),
         "groups": groups,
         "shared_baseline": [
             {"run": run.name(root), "seed": run.seed, "groups": [index[id(g)] for g in rows]}
@@ -276,6 +284,8 @@ def write_report(directory: str | Path) -> Report:
     analysis = analyse(runs, directory)
     plots = write_plots(runs, directory) + plot_mechanism_runs(runs, directory)
     text = "\n".join([_table(analysis), *_notes(analysis, directory)])
+    evaluated = _evaluated(runs)
+    text += f"\n\nEvaluated on: {evaluated}." if evaluated else ""
     markdown = [
         f"# EWGS vs STE: {directory.name}",
         "",

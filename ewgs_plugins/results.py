@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
+from .data import evaluated_split
 from .errors import ConfigError
 from .recipe import flatten
 
@@ -47,6 +48,12 @@ class RunResult:
     @property
     def seed(self) -> int:
         return int(self.recipe["seed"])
+
+    @property
+    def evaluated(self) -> str:
+        """What the run's top-1 was measured on: ``official test set`` or ``validation
+        from train[a:b]`` (``data.val``)."""
+        return evaluated_split(str(self.recipe.get("data", {}).get("val", "test")))
 
     @property
     def epochs(self) -> int:

@@ -131,7 +131,7 @@ CASES = {
     "unknown model": (set_("model.name", "resnet99"), "model.name: unknown model 'resnet99'"),
     "unknown dataset": (
         set_("data.name", "mnist"),
-        "data.name: unknown dataset 'mnist'; known: cifar10, digits, imagenet",
+        "data.name: unknown dataset 'mnist'; known: cifar10, digits, imagefolder, imagenet, npz",
     ),
     "unknown callback": (
         set_("callbacks", {"swa": None}),

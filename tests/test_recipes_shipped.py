@@ -32,7 +32,7 @@ RUNS = {
 PAPER_ROWS = {"resnet20_w1a1_short"}
 #: recipes of PROFIT's training strategy: PROFIT alone, under STE and EWGS
 PROFIT_RECIPES = {"mobilenet_v2_w4a4_profit": 2, "resnet20_w4a4_profit": 2, "digits_profit": 6}
-#: the studies: one method, four arms (matrix.arms) × three seeds
+#: the EWGS-vs-STE studies: one method, four arms (matrix.arms) × three seeds
 STUDY_RECIPES = {
     "resnet20_w1a1_study": "interval",
     "resnet20_w1a1_study_dev": "interval",
@@ -231,3 +231,38 @@ def test_the_manuals_recipe_example_is_a_valid_recipe(tmp_path):
     raw["output"] = str(tmp_path)
     runs = expand_runs(raw, source="recipes.md")
     assert len(runs) == 4 * 2 * 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipes_need_nothing_outside_the_repository(path):
+    """Weights by registered name (or a run of a shipped recipe); data under data/, or
+    downloaded; no path outside the checkout."""
+    text = path.read_text()
+    assert "../" not in text and "/work" not in text
+    raw = yaml.safe_load(text)
+    for value in (raw["model"].get("weights"), *_teacher_weights(raw)):
+        if value is not None:
+            assert value in registry().names("weights") or value.startswith("runs/"), value
+
+
+def _teacher_weights(raw: dict) -> list[str]:
+    teacher = (raw.get("callbacks") or {}).get("distill", {}) or {}
+    return [teacher["teacher"]["weights"]] if "teacher" in teacher else []
+
+
+@pytest.mark.parametrize("name", ["resnet20_w1a1_study_dev", "resnet20_w1a1_dorefa_study_dev"])
+def test_the_dev_studies_carve_their_subset_out_of_the_standard_download(name, tmp_path):
+    path = ROOT / "recipes" / "cifar10" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["model"]["weights"] == "resnet20"
+    assert raw["data"]["root"] == "data/cifar10" and raw["data"]["options"] == {"download": True}
+    assert (raw["data"]["train"], raw["data"]["val"]) == ("train[0:10000]", "train[10000:12000]")
+    # a local copy holding only the subset (training files = 0..9,999, test_batch =
+    # 10,000..11,999) reads the same images as a plain root with its default split
+    write_cifar10(tmp_path / "dev", per_batch=2, test=4)
+    local = [f"data.root={tmp_path / 'dev'}", "data.options={verify: false}"]
+    local += ["data.train=train", "data.val=test", f"output={tmp_path / 'runs'}"]
+    runs = load_runs(path, local)
+    spec = runs[0].recipe.make_dataset()
+    assert len(spec.train_set(runs[0].recipe.data.root)) == 10
+    assert len(spec.test_set(runs[0].recipe.data.root)) == 4

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import data
 from ..errors import ConfigError
 from ..options import call_with_options, check_type, describe_type
 from ..quant import FULL_PRECISION, VALID_BITS, LayerOverride
@@ -70,6 +71,12 @@ class DataConfig(Section):
     root: str | None = None
     #: keyword options of the dataset factory (``download: true`` for cifar10, say)
     options: dict[str, Any] = field(default_factory=dict)
+    #: the training images: ``train`` (all of the training set) or a range of it by
+    #: index, ``train[0:10000]``
+    train: str = "train"
+    #: what is evaluated: ``test`` (the official test set) or a range of the training set
+    #: held out for validation, ``train[10000:12000]`` (must not overlap ``train``)
+    val: str = "test"
     #: the training batch size (under torchrun: the global batch, split across the processes)
     batch_size: int = 256
     #: DataLoader worker processes (0: load in the training process)
@@ -78,6 +85,7 @@ class DataConfig(Section):
     def check(self, key_path: str) -> None:
         _positive(self.batch_size, _join(key_path, "batch_size"))
         _positive(self.workers, _join(key_path, "workers"), allow_zero=True)
+        data.check_splits(self.train, self.val, key_path)
 
 
 @dataclass(kw_only=True)
@@ -392,8 +400,10 @@ class Recipe(Section):
         return made
 
     def make_dataset(self) -> Any:
-        """The dataset plugin's ``data.DatasetSpec`` (cheap: no data is read)."""
-        return _create("dataset", self.data.name, self.data.options, "data")
+        """The dataset plugin's ``data.DatasetSpec`` with ``data.train`` and ``data.val``
+        applied (cheap: no data is read)."""
+        spec = _create("dataset", self.data.name, self.data.options, "data")
+        return data.with_splits(spec, self.data.train, self.data.val)
 
     def make_model(self, num_classes: int) -> torch.nn.Module:
         """The full-precision model (weights are loaded by the trainer)."""

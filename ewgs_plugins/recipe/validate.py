@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 
+from .. import weights
 from ..errors import ConfigError
 from ..quant import (
     LayersLeftInFullPrecision,
@@ -48,12 +48,8 @@ def validate(recipe: Recipe) -> None:
         )
     if recipe.require_all_quantized:
         _check_all_quantized(recipe, model, method, overrides)
-    if recipe.model.weights is not None and not Path(recipe.model.weights).is_file():
-        raise ConfigError(
-            "model.weights",
-            f"file not found: {recipe.model.weights} (expected a local file of "
-            "full-precision weights, a state_dict saved with torch.save)",
-        )
+    if recipe.model.weights is not None:
+        weights.check(recipe.model.weights, "model.weights")
     recipe.resolve_device()
 
 
