@@ -51,6 +51,18 @@ class RegistrySpec:
         """Training callbacks: name -> factory returning an object implementing
         some of the ``LifecycleSpec`` hooks (a training strategy, a schedule, a logger)."""
 
+    @hookspec
+    def ewgs_optimizers(self) -> Mapping[str, Callable[..., Any]]:
+        """Optimizers: name -> factory ``(params, lr=..., **options) -> torch.optim.Optimizer``
+        (a ``torch.optim.Optimizer`` subclass is one); ``weight_decay`` is passed when the
+        factory takes it."""
+
+    @hookspec
+    def ewgs_lr_schedules(self) -> Mapping[str, Callable[..., Any]]:
+        """Learning-rate schedules: name -> factory ``(optimizer, **options)`` returning a
+        ``torch.optim.lr_scheduler.LRScheduler`` (any of torch's scheduler classes is one).
+        It runs on an optimizer whose lr is 1, once per epoch or step."""
+
 
 class LifecycleSpec:
     """Training-lifecycle hooks, called on the callbacks of one run.

@@ -26,6 +26,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "model": ("ewgs_models", "model"),
     "dataset": ("ewgs_datasets", "dataset"),
     "callback": ("ewgs_callbacks", "training callback"),
+    "optimizer": ("ewgs_optimizers", "optimizer"),
+    "schedule": ("ewgs_lr_schedules", "learning-rate schedule"),
 }
 
 

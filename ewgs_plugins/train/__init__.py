@@ -7,7 +7,13 @@ and RNG state). The run directory's files are ``ewgs_plugins.rundir``'s."""
 
 from .build import RunParts, build_run
 from .checkpoint import RESUME_MAY_CHANGE, check_same_recipe, finished_run
-from .optim import LRSchedule, make_optimizer, quantizer_parameters
+from .optim import (
+    LRSchedule,
+    make_optimizer,
+    make_optimizers,
+    parameter_groups,
+    quantizer_parameters,
+)
 from .seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from .trainer import AMP_DTYPES, Trainer
 
@@ -22,6 +28,8 @@ __all__ = [
     "derive_seed",
     "finished_run",
     "make_optimizer",
+    "make_optimizers",
+    "parameter_groups",
     "quantizer_parameters",
     "rng_state",
     "seed_everything",
