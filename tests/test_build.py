@@ -7,10 +7,10 @@ import pytest
 import torch
 from toys import digits_recipe, toy_plugins
 
-from ewgs_plugins import PluginError, RunParts, build_run
+from ewgs_plugins import ConfigError, PluginError, RunParts, build_run
 from ewgs_plugins.callbacks import DeltaSchedule
 from ewgs_plugins.recipe import expand_runs
-from ewgs_plugins.train import Trainer
+from ewgs_plugins.train import Trainer, check_same_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +45,13 @@ def test_parts_and_extra_callbacks_are_checked(tmp_path):
         build_run(run, callbacks={"delta": object()})
     with pytest.raises(TypeError, match="built from this recipe"):
         Trainer(recipe(tmp_path / "b"), parts=build_run(run))
+
+
+def test_a_run_saved_before_the_options_keys_existed_still_resumes(tmp_path):
+    run = recipe(tmp_path / "a")
+    saved = run.to_dict()
+    del saved["optimizers"]["weights"]["options"], saved["schedule"]["options"]
+    check_same_recipe(run, saved, tmp_path)
+    saved["schedule"]["options"] = {"gamma": 0.5}
+    with pytest.raises(ConfigError, match=r"schedule\.options"):
+        check_same_recipe(run, saved, tmp_path)
