@@ -1,6 +1,9 @@
 """ewgs-plugins: quantization-aware training where the backward pass through
 rounding is a plugin (STE, EWGS)."""
 
+# before the imports: ewgs_plugins.train imports modules that read it
+__version__ = "0.1.0"
+
 from .backward import BackwardRule, ElementWiseGradientScaling, RoundContext, StraightThrough
 from .delta import DeltaEstimator, FixedDelta, HessianDelta, estimate_hessian_deltas
 from .errors import ConfigError, EwgsError, ExportError, PluginError, TrainingError
@@ -25,6 +28,7 @@ from .quant import (
 )
 from .registry import register_plugin, registry, reset_registry, unregister_plugin
 from .round_site import RoundSite, round_sites
+from .train import RunParts, Trainer, build_run
 
 __all__ = [
     "BackwardRule",
@@ -44,9 +48,12 @@ __all__ = [
     "QuantizerMethod",
     "RoundContext",
     "RoundSite",
+    "RunParts",
     "StraightThrough",
+    "Trainer",
     "TrainingError",
     "active_round_sites",
+    "build_run",
     "deltas",
     "estimate_hessian_deltas",
     "full_precision_layers",
@@ -64,4 +71,3 @@ __all__ = [
     "set_deltas",
     "unregister_plugin",
 ]
-__version__ = "0.1.0"

@@ -21,11 +21,12 @@ backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mec
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from torch import Tensor, nn
 
 from . import distributed, rundir
 from .backward import StraightThrough
@@ -95,31 +96,40 @@ class DeltaSchedule:
 
     @hookimpl
     def ewgs_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if self.estimator.unit == "epoch" and self.estimator.due(epoch=epoch):
+        if self.due(epoch=epoch):
             self.estimate(trainer)
 
     @hookimpl
     def ewgs_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         done = step + 1
         last = done >= trainer.recipe.epochs * trainer.steps_per_epoch  # nothing trains after
-        if self.estimator.unit == "step" and self.estimator.due(step=done) and not last:
+        if self.due(step=done) and not last:
             self.estimate(trainer)
 
-    def estimate(self, trainer: Trainer) -> None:
-        """Estimate δ now (in train mode, as the paper does) and apply it.
+    def due(self, *, epoch: int | None = None, step: int | None = None) -> bool:
+        """Whether δ is to be estimated at the start of ``epoch`` (0-based), or after
+        ``step`` optimizer steps, by the estimator's schedule (``every``, ``unit``)."""
+        unit = "epoch" if epoch is not None else "step"
+        return self.estimator.unit == unit and self.estimator.due(epoch=epoch, step=step)
 
-        The batches and the random probes come from seeds derived from (seed, epoch,
-        step): under torchrun every process estimates on the same whole batches (so δ
-        does not depend on the number of processes), and takes rank 0's δ."""
-        model = trainer.model
+    def refresh(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+    ) -> dict[str, float]:
+        """Estimate δ on ``batches`` now (in train mode, as the paper does) and set it
+        at every round site of ``model`` but those a per-layer override fixed; returns
+        the new δ by site (nothing under the ``ste`` rule, where δ has no effect).
+        ``loss_fn(model, batch)`` is the task loss. Under torchrun every process takes
+        rank 0's δ."""
         if all(isinstance(s.rule, StraightThrough) for s in active_round_sites(model).values()):
-            return  # δ has no effect (per-layer overrides may mix the rules)
-        batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
+            return {}
         was_training = model.training
         model.train()
         try:
-            with trainer.seeded_rng("probes"), distributed.local_batchnorm(model):
-                new = self.estimator.estimate(model, batches, trainer.loss_fn)
+            with distributed.local_batchnorm(model):
+                new = self.estimator.estimate(model, batches, loss_fn)
         finally:
             model.train(was_training)
         fixed = fixed_delta_sites(model)  # a per-layer override fixed their δ
@@ -127,6 +137,21 @@ class DeltaSchedule:
         if new:
             new = distributed.broadcast_values(new)
             set_deltas(model, new)
+        return new
+
+    def estimate(self, trainer: Trainer) -> None:
+        """Estimate δ now for the trainer's run (``refresh``) and log it.
+
+        The batches and the random probes come from seeds derived from (seed, epoch,
+        step): under torchrun every process estimates on the same whole batches (so δ
+        does not depend on the number of processes)."""
+        model = trainer.model
+        if all(isinstance(s.rule, StraightThrough) for s in active_round_sites(model).values()):
+            return  # δ has no effect (per-layer overrides may mix the rules)
+        batches = trainer.sample_batches(self.estimator.batches, self.batch_size, tag="delta")
+        with trainer.seeded_rng("probes"):
+            new = self.refresh(model, batches, trainer.loss_fn)
+        if new:
             self._record(trainer)
 
     def _record(self, trainer: Trainer) -> None:

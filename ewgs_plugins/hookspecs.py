@@ -57,6 +57,18 @@ class RegistrySpec:
         ``ewgs_plugins.weights.PublishedWeights(url, sha256, model)``, which, called,
         returns the verified local file."""
 
+    @hookspec
+    def ewgs_optimizers(self) -> Mapping[str, Callable[..., Any]]:
+        """Optimizers: name -> factory ``(params, lr=..., **options) -> torch.optim.Optimizer``
+        (a ``torch.optim.Optimizer`` subclass is one); ``weight_decay`` is passed when the
+        factory takes it."""
+
+    @hookspec
+    def ewgs_lr_schedules(self) -> Mapping[str, Callable[..., Any]]:
+        """Learning-rate schedules: name -> factory ``(optimizer, **options)`` returning a
+        ``torch.optim.lr_scheduler.LRScheduler`` (any of torch's scheduler classes is one).
+        It runs on an optimizer whose lr is 1, once per epoch or step."""
+
 
 class LifecycleSpec:
     """Training-lifecycle hooks, called on the callbacks of one run.

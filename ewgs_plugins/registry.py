@@ -27,6 +27,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "dataset": ("ewgs_datasets", "dataset"),
     "callback": ("ewgs_callbacks", "training callback"),
     "weights": ("ewgs_weights", "weights name"),
+    "optimizer": ("ewgs_optimizers", "optimizer"),
+    "schedule": ("ewgs_lr_schedules", "learning-rate schedule"),
 }
 
 

@@ -25,7 +25,7 @@ from ewgs_plugins.errors import ConfigError, RunDirError
 from ewgs_plugins.qat_callbacks import load_teacher
 from ewgs_plugins.recipe import load_recipe
 from ewgs_plugins.train import Trainer
-from ewgs_plugins.train import trainer as trainer_module
+from ewgs_plugins.train import build as build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo" / "digits.yaml"
@@ -379,7 +379,7 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_data(
         raise AssertionError("data or model built before the output was checked")
 
     monkeypatch.setattr(Digits, "train_set", not_yet)
-    monkeypatch.setattr(trainer_module, "build_model", not_yet)
+    monkeypatch.setattr(build_module, "build_model", not_yet)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     for output, expected in (

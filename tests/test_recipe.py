@@ -97,7 +97,7 @@ CASES = {
     "wrong type": (set_("epochs", "ten"), "epochs: expected int, got 'ten'"),
     "wrong type in a section": (set_("data.batch_size", 1.5), "data.batch_size: expected int"),
     "bool is not an int": (set_("seed", True), "seed: expected int, got True"),
-    "literal": (set_("optimizers.weights.name", "rmsprop"), "weights.name: expected one of 'sgd'"),
+    "literal": (set_("schedule.unit", "hour"), "schedule.unit: expected one of 'epoch'"),
     "missing key": (drop("epochs"), "epochs: missing; expected int"),
     "bits out of range": (
         set_("bits", {"weights": 9, "activations": 2}),

@@ -24,7 +24,7 @@ import torch
 
 from .. import data
 from ..errors import ConfigError
-from ..options import call_with_options, check_type, describe_type
+from ..options import call_with_options, check_type, describe_type, factory_options
 from ..quant import FULL_PRECISION, VALID_BITS, LayerOverride
 from ..registry import KINDS, registry
 
@@ -192,8 +192,12 @@ class LayerOverrideConfig(Section):
 
 @dataclass(kw_only=True)
 class OptimizerConfig(Section):
-    #: the optimizer
-    name: Literal["sgd", "adam"] = "adam"
+    """An optimizer by name: any ``torch.optim`` optimizer (``adam``, ``adamw``, ``sgd``,
+    ``rmsprop``, ..., any case) or a plugin's (``ewgs_optimizers``), with ``lr``,
+    ``weight_decay`` and the rest of its keyword arguments under ``options``."""
+
+    #: the optimizer: any torch.optim optimizer by name (any case) or a plugin's
+    name: str = "adam"
     #: the learning rate (the schedule scales it)
     lr: float = 1e-3
     #: L2 weight decay
@@ -204,6 +208,8 @@ class OptimizerConfig(Section):
     nesterov: bool = False
     #: adam only
     betas: tuple[float, float] = (0.9, 0.999)
+    #: more keyword arguments of the optimizer (``eps``, ``amsgrad``, ``alpha``, ...)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, key_path: str) -> None:
         _positive(self.lr, _join(key_path, "lr"))
@@ -216,11 +222,56 @@ class OptimizerConfig(Section):
             raise ConfigError(
                 _join(key_path, "betas"), f"expected two numbers in [0, 1), got {list(self.betas)}"
             )
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+        if self.nesterov and (self.name.lower() != "sgd" or self.momentum == 0):
             raise ConfigError(
                 _join(key_path, "nesterov"), "nesterov needs name: sgd and momentum > 0"
             )
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+    def make(self, params: Any, key_path: str = "") -> torch.optim.Optimizer:
+        """The optimizer over ``params`` (parameters or param groups). Every option is
+        checked against the optimizer's signature first: an unknown name or an ill-typed
+        value is a ``ConfigError`` at ``key_path.options.<option>``."""
+        reg = registry()
+        names = reg.names("optimizer")
+        name = self.name if self.name in names else self.name.lower()
+        factory = reg.get("optimizer", name, _join(key_path, "name")).factory
+        accepted = factory_options(factory)
+        kwargs: dict[str, Any] = {"lr": self.lr}
+        if "weight_decay" in accepted:
+            kwargs["weight_decay"] = self.weight_decay
+        elif self.weight_decay:
+            raise ConfigError(
+                _join(key_path, "weight_decay"), f"optimizer {name!r} takes no weight decay"
+            )
+        defaults = OptimizerConfig()
+        if name == "sgd":
+            kwargs.update(momentum=self.momentum, nesterov=self.nesterov)
+        elif self.momentum != defaults.momentum:
+            raise ConfigError(
+                _join(key_path, "momentum"),
+                f"applies to sgd only; give {name!r}'s under options.momentum",
+            )
+        if name == "adam":
+            kwargs["betas"] = tuple(self.betas)
+        elif tuple(self.betas) != defaults.betas:
+            raise ConfigError(
+                _join(key_path, "betas"),
+                f"applies to adam only; give {name!r}'s under options.betas",
+            )
+        for key in self.options:
+            if key in kwargs or key in ("params", "lr", "weight_decay"):
+                raise ConfigError(
+                    _join(key_path, f"options.{key}"),
+                    f"set it as {_join(key_path, str(key))}, not under options",
+                )
+        free = {k: v for k, v in accepted.items() if k not in ("params", "lr", "weight_decay")}
+        what = f"optimizer {name!r}"
+        kwargs.update(_checked_options(self.options, free, _join(key_path, "options"), what))
+        try:
+            return factory(params, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(key_path, f"optimizer {name!r}: {error}") from None
 
 
 @dataclass(kw_only=True)
@@ -251,14 +302,26 @@ class OptimizersConfig(Section):
     quantizer: QuantizerOptimizerConfig = field(default_factory=QuantizerOptimizerConfig)
 
 
+#: schedules computed by the core itself (every other name is a registered one)
+BUILTIN_SCHEDULES = ("constant", "cosine")
+#: options of a registered schedule filled in, when not given, with the number of
+#: schedule steps after the warm-up
+_LENGTH_OPTIONS = ("T_max", "total_iters", "total_steps")
+
+
 @dataclass(kw_only=True)
 class ScheduleConfig(Section):
-    """Learning-rate schedule of both optimizers: ``cosine`` anneals to
-    ``final_lr_factor`` × lr (0 by default), after an optional linear warm-up from
-    ``warmup_start_factor`` × lr; ``constant`` keeps it."""
+    """Learning-rate schedule of both optimizers, after an optional linear warm-up of
+    ``warmup_epochs`` from ``warmup_start_factor`` × the schedule's first value:
+    ``cosine`` anneals to ``final_lr_factor`` × lr (0 by default); ``constant`` keeps lr;
+    any other name is a registered schedule (torch's: ``step``, ``multistep``,
+    ``exponential``, ``onecycle``, ``cosine_restarts``, ``polynomial``, ``linear``,
+    ``cyclic``, ``cosine_annealing``; a plugin's through ``ewgs_lr_schedules``) with its
+    keyword arguments under ``options``. A registered schedule runs on lr = 1, so the
+    learning rates in its options (``max_lr``, ``eta_min``, ...) are factors of lr."""
 
-    #: the schedule's shape
-    name: Literal["cosine", "constant"] = "cosine"
+    #: the schedule's shape: cosine, constant, or a registered schedule by name
+    name: str = "cosine"
     #: epochs of linear warm-up before the schedule (0: none)
     warmup_epochs: int = 0
     #: the warm-up starts at this fraction of the learning rate
@@ -267,11 +330,44 @@ class ScheduleConfig(Section):
     final_lr_factor: float = 0.0
     #: update the learning rate after every epoch (the paper's code) or every step
     unit: Literal["epoch", "step"] = "epoch"
+    #: keyword arguments of a registered schedule (``step_size``, ``gamma``, ...)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, key_path: str) -> None:
         _positive(self.warmup_epochs, _join(key_path, "warmup_epochs"), allow_zero=True)
         _positive(self.warmup_start_factor, _join(key_path, "warmup_start_factor"), allow_zero=True)
         _positive(self.final_lr_factor, _join(key_path, "final_lr_factor"), allow_zero=True)
+        if self.name in BUILTIN_SCHEDULES and self.options:
+            key = next(iter(self.options))
+            raise ConfigError(
+                _join(key_path, f"options.{key}"), f"schedule {self.name!r} takes no options"
+            )
+        if self.name != "cosine" and self.final_lr_factor:
+            raise ConfigError(
+                _join(key_path, "final_lr_factor"),
+                "applies to schedule 'cosine' only; give the others' end under options",
+            )
+
+    def make(self, optimizer: torch.optim.Optimizer, length: int, key_path: str = "") -> Any:
+        """The registered schedule ``name`` (not a built-in one) on ``optimizer``, for
+        ``length`` steps (filled in for its ``T_max``/``total_iters``/``total_steps``
+        when not given). Options are checked first, with their key paths."""
+        known = (*BUILTIN_SCHEDULES, *registry().names("schedule"))
+        if self.name not in registry().names("schedule"):
+            raise ConfigError(
+                _join(key_path, "name"),
+                f"unknown learning-rate schedule {self.name!r}; known: {', '.join(known)}",
+            )
+        factory = registry().get("schedule", self.name).factory
+        accepted = factory_options(factory)
+        free = {k: v for k, v in accepted.items() if k not in ("optimizer", "last_epoch")}
+        what = f"learning-rate schedule {self.name!r}"
+        options = {k: length for k in _LENGTH_OPTIONS if k in free}
+        options.update(_checked_options(self.options, free, _join(key_path, "options"), what))
+        try:
+            return factory(optimizer, **options)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(_join(key_path, "options"), f"{what}: {error}") from None
 
 
 @dataclass(kw_only=True)
@@ -444,6 +540,21 @@ class Recipe(Section):
                     f"{torch.cuda.device_count()} CUDA devices",
                 )
         return device
+
+
+def _checked_options(
+    options: Mapping[str, Any], accepted: Mapping[str, Any], key_path: str, what: str
+) -> dict[str, Any]:
+    """``options`` checked by name and type against ``accepted`` (a factory's keyword
+    options); errors name ``key_path.<option>`` and list the known options."""
+    checked = {}
+    for key, value in options.items():
+        path = _join(key_path, str(key))
+        if key not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(path, f"unknown option of {what}; known options: {known}")
+        checked[key] = check_type(value, accepted[key].annotation, path)
+    return checked
 
 
 def _create(kind: str, name: str, options: Mapping[str, Any], section: str) -> Any:

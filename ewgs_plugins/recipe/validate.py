@@ -15,7 +15,7 @@ from ..quant import (
     quantize_model,
     unmatched_overrides,
 )
-from .schema import BitsConfig, Recipe
+from .schema import BUILTIN_SCHEDULES, BitsConfig, Recipe
 
 
 def validate(recipe: Recipe) -> None:
@@ -31,6 +31,7 @@ def validate(recipe: Recipe) -> None:
             _check_bits(override.method or method, name, config.bits, f"overrides[{index}].bits")
     recipe.make_backward()
     recipe.make_delta()
+    _check_optimizers(recipe)
     for name, options in recipe.callback_options(method).items():
         callback = recipe.make_callback(name, options)
         if hasattr(callback, "check_recipe"):  # checks against the rest of the recipe
@@ -84,3 +85,13 @@ def _check_bits(method: QuantizerMethod, name: str, bits: BitsConfig, key_path: 
             maker(value)
         except ValueError as error:
             raise ConfigError(f"{key_path}.{kind}", f"method {name!r}: {error}") from None
+
+
+def _check_optimizers(recipe: Recipe) -> None:
+    """Both optimizers and the schedule build, with the recipe's options, on a stand-in
+    parameter (errors name ``optimizers.<kind>...`` and ``schedule...``)."""
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    recipe.optimizers.weights.make(stand_in, "optimizers.weights")
+    optimizer = recipe.optimizers.quantizer.make(stand_in, "optimizers.quantizer")
+    if recipe.schedule.name not in BUILTIN_SCHEDULES:
+        recipe.schedule.make(optimizer, recipe.epochs, "schedule")

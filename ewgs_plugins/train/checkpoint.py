@@ -188,6 +188,8 @@ def check_same_recipe(recipe: Recipe, saved: Mapping[str, Any], run_dir: Path) -
         for key in sorted(set(current) | set(before))
         if current.get(key) != before.get(key)
         and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+        # a key the schema gained after the run started, left at its empty default
+        and not (key not in before and current.get(key) == {})
     ]
     if differ:
         key = differ[0]

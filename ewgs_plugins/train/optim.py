@@ -11,6 +11,7 @@ PROFIT's frozen layers) survive resume.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,7 +20,15 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..quant import Quantizer, quantized_layers
-from ..recipe import OptimizerConfig, Recipe, ScheduleConfig
+from ..recipe import (
+    OptimizerConfig,
+    QuantizerOptimizerConfig,
+    Recipe,
+    ScheduleConfig,
+    Section,
+    WeightsOptimizerConfig,
+)
+from ..recipe.schema import BUILTIN_SCHEDULES, parse_section
 
 #: a param-group layout: optimizer kind -> groups -> parameter names
 Layout = Mapping[str, list[list[str]]]
@@ -28,30 +37,57 @@ Layout = Mapping[str, list[list[str]]]
 class LRSchedule:
     """Sets every param group's ``lr`` to ``initial_lr × lr_scale × factor(t)``, where
     ``t`` counts epochs or steps (``unit``) and ``factor`` is the recipe's schedule:
-    linear warm-up, then cosine to ``final_lr_factor`` (or constant). A group's
-    ``lr_scale`` (default 1) is how a callback slows or freezes its parameters (0)."""
+    a linear warm-up of ``warmup`` counts from ``warmup_start_factor`` × the schedule's
+    first value, then the schedule (cosine to ``final_lr_factor``, constant, or a
+    registered one run on lr = 1 for ``total - warmup`` counts). A group's ``lr_scale``
+    (default 1) is how a callback slows or freezes its parameters (0). Its state is ``t``
+    alone: a registered schedule is a function of its step count, replayed on load."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, config: ScheduleConfig, total: int, warmup: int
+        self,
+        optimizer: torch.optim.Optimizer,
+        config: ScheduleConfig,
+        total: int,
+        warmup: int,
+        key_path: str = "schedule",
     ) -> None:
         self.optimizer, self.config = optimizer, config
         self.total, self.warmup = max(total, 1), warmup
         self.t = 0
+        self._values: list[float] = []
+        if config.name not in BUILTIN_SCHEDULES:
+            # the registered schedule runs on its own optimizer of lr 1: its lr is the factor
+            self._unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
+            self._schedule = config.make(self._unit, self.total - self.warmup, key_path)
+            self._values.append(float(self._unit.param_groups[0]["lr"]))
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
             group.setdefault("lr_scale", 1.0)
         self.apply()
 
-    def factor(self, t: int) -> float:
+    def schedule_factor(self, k: int) -> float:
+        """The schedule's factor after ``k`` counts past the warm-up."""
         config = self.config
-        if t < self.warmup:
-            start = config.warmup_start_factor
-            return start + (1 - start) * t / self.warmup
         if config.name == "constant":
             return 1.0
-        progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
-        final = config.final_lr_factor
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+        if config.name == "cosine":
+            progress = min(1.0, k / max(1, self.total - self.warmup))
+            final = config.final_lr_factor
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+        while len(self._values) <= k:
+            with warnings.catch_warnings():  # its optimizer never steps, by design
+                warnings.simplefilter("ignore", UserWarning)
+                self._schedule.step()
+            self._values.append(float(self._unit.param_groups[0]["lr"]))
+        return self._values[k]
+
+    def factor(self, t: int) -> float:
+        if t < self.warmup:
+            start = self.config.warmup_start_factor
+            ramp = start + (1 - start) * t / self.warmup
+            # the built-in schedules start at exactly 1
+            return ramp if self.config.name in BUILTIN_SCHEDULES else ramp * self.schedule_factor(0)
+        return self.schedule_factor(t - self.warmup)
 
     def apply(self) -> None:
         factor = self.factor(self.t)
@@ -71,19 +107,23 @@ class LRSchedule:
         self.apply()
 
 
-def make_optimizer(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """An optimizer from a recipe's optimizer section over ``groups``."""
-    if config.name == "sgd":
-        return torch.optim.SGD(
-            groups,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=config.nesterov,
-        )
-    return torch.optim.Adam(
-        groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
-    )
+def make_optimizer(
+    config: OptimizerConfig, groups: list[dict[str, Any]], key_path: str = ""
+) -> torch.optim.Optimizer:
+    """An optimizer from a recipe's optimizer section over ``groups`` (see
+    ``OptimizerConfig.make``; errors name ``key_path``)."""
+    return config.make(groups, key_path)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The paper's two parameter groups of a quantized model: ``"quantizer"`` (every
+    parameter inside a ``Quantizer`` and the layers' output scale α) and ``"weights"``
+    (the rest: conv/linear weights, biases, BatchNorm affine); an empty group is left
+    out (DoReFa has no quantizer parameters)."""
+    parameters = dict(model.named_parameters())
+    return {
+        kind: [parameters[n] for n in names[0]] for kind, names in initial_layout(model).items()
+    }
 
 
 def quantizer_parameters(model: nn.Module) -> set[int]:
@@ -111,17 +151,65 @@ def build_optimizers(
 ) -> tuple[dict[str, torch.optim.Optimizer], dict[str, LRSchedule]]:
     """Optimizers whose param groups hold the named parameters of ``layout``, each with
     the recipe's schedule (counted in epochs or steps)."""
+    return layout_optimizers(
+        model,
+        layout,
+        {"weights": recipe.optimizers.weights, "quantizer": recipe.optimizers.quantizer},
+        recipe.schedule,
+        recipe.epochs,
+        steps_per_epoch,
+    )
+
+
+def layout_optimizers(
+    model: nn.Module,
+    layout: Layout,
+    configs: Mapping[str, OptimizerConfig],
+    schedule: ScheduleConfig,
+    epochs: int,
+    steps_per_epoch: int,
+) -> tuple[dict[str, torch.optim.Optimizer], dict[str, LRSchedule]]:
+    """``build_optimizers`` from the sections themselves."""
     parameters = dict(model.named_parameters())
-    configs = {"weights": recipe.optimizers.weights, "quantizer": recipe.optimizers.quantizer}
-    schedule = recipe.schedule
     per_step = steps_per_epoch if schedule.unit == "step" else 1
-    total, warmup = recipe.epochs * per_step, schedule.warmup_epochs * per_step
+    total, warmup = epochs * per_step, schedule.warmup_epochs * per_step
     optimizers, schedulers = {}, {}
     for kind, groups in layout.items():
         param_groups = [{"params": [parameters[n] for n in group]} for group in groups]
-        optimizers[kind] = make_optimizer(configs[kind], param_groups)
+        optimizers[kind] = make_optimizer(configs[kind], param_groups, f"optimizers.{kind}")
         schedulers[kind] = LRSchedule(optimizers[kind], schedule, total, warmup)
     return optimizers, schedulers
+
+
+def make_optimizers(
+    model: nn.Module,
+    *,
+    epochs: int,
+    steps_per_epoch: int = 1,
+    weights: OptimizerConfig | Mapping[str, Any] | None = None,
+    quantizer: OptimizerConfig | Mapping[str, Any] | None = None,
+    schedule: ScheduleConfig | Mapping[str, Any] | None = None,
+) -> tuple[dict[str, torch.optim.Optimizer], dict[str, LRSchedule]]:
+    """The paper's two optimizers over ``parameter_groups(model)``, each with its
+    learning-rate schedule, from plain keyword arguments: ``weights``, ``quantizer`` and
+    ``schedule`` are recipe sections or mappings of their keys (``{"name": "adamw",
+    "lr": 1e-3}``; left out: the recipe's defaults). Call each schedule's ``step()``
+    once per epoch (or per step with ``schedule={"unit": "step", ...}``)."""
+    sections = {
+        "optimizers.weights": (weights, WeightsOptimizerConfig),
+        "optimizers.quantizer": (quantizer, QuantizerOptimizerConfig),
+        "schedule": (schedule, ScheduleConfig),
+    }
+    made: dict[str, Any] = {}
+    for key_path, (value, cls) in sections.items():
+        if isinstance(value, Section):
+            made[key_path] = value
+        else:
+            made[key_path] = parse_section(cls, dict(value or {}), key_path)
+    configs = {"weights": made["optimizers.weights"], "quantizer": made["optimizers.quantizer"]}
+    return layout_optimizers(
+        model, initial_layout(model), configs, made["schedule"], epochs, steps_per_epoch
+    )
 
 
 def group_layout(

@@ -25,27 +25,26 @@ import math
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import distributed, provenance, rundir
-from ..callbacks import DeltaSchedule, lifecycle_manager
-from ..errors import ConfigError, PluginError, TrainingError
-from ..quant import Quantizer, initialize_quantizers, quantizers, set_layer_bits
+from ..callbacks import lifecycle_manager
+from ..errors import TrainingError
+from ..quant import Quantizer, quantizers, set_layer_bits
 from ..recipe import Recipe
 from ..summary import summary_markdown
+from .build import RunParts, build_run
 from .checkpoint import non_finite_state, open_run, restore_trainer, trainer_state
-from .loaders import draw_batches, test_loader, to_device, train_loader, train_sampler
-from .model import build_model
-from .optim import LRSchedule, build_optimizers, check_param_groups, initial_layout, move_to_group
-from .seeding import derive_seed, forked_rng, seed_everything
+from .optim import LRSchedule, check_param_groups, move_to_group
+from .seeding import derive_seed, seed_everything
 
 #: ``amp`` of a recipe -> the autocast dtype
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,13 +86,21 @@ class Trainer:
         resume: bool = False,
         callbacks: Mapping[str, object] | None = None,
         progress: bool | None = None,
+        parts: RunParts | None = None,
     ) -> None:
         """``callbacks``: extra callback objects by name, after the recipe's.
         ``progress``: a tqdm bar (default: when stderr is a terminal; otherwise one plain
-        line per epoch)."""
+        line per epoch). ``parts``: the run's parts built already by
+        ``build_run(recipe, ...)`` (with its own extra callbacks); by default the trainer
+        builds them once its run directory's lock is held."""
+        if parts is not None and (parts.recipe is not recipe or callbacks is not None):
+            raise TypeError(
+                "parts must be built from this recipe, and its extra callbacks given to "
+                "build_run, not to the Trainer"
+            )
         self.recipe = recipe
         self.run_dir = Path(recipe.output or "runs/run")
-        self.device = distributed.setup(recipe)
+        self.device = distributed.setup(recipe) if parts is None else parts.device
         distributed.check_batch_size(recipe.data.batch_size)
         wanted = sys.stderr.isatty() if progress is None else progress
         self.progress = wanted and distributed.is_main()  # one bar, rank 0's
@@ -111,65 +118,43 @@ class Trainer:
         self._lock.enter_context(rundir.lock(self.run_dir))
         weakref.finalize(self, self._lock.close)
         try:
-            self._build(resume, callbacks)
+            saved = open_run(self.run_dir, resume=resume)
+            if parts is None:
+                parts = build_run(
+                    recipe, device=self.device, callbacks=callbacks, initialize=saved is None
+                )
+            self._take(parts, saved)
         except BaseException:
             self._lock.close()
             raise
 
-    def _build(self, resume: bool, callbacks: Mapping[str, object] | None) -> None:
-        """Everything of ``__init__`` after the run directory's lock is held."""
+    def _take(self, parts: RunParts, saved: Mapping[str, Any] | None) -> None:
+        """Adopt the run's parts, restore the checkpoint ``saved`` (if any) into them and
+        wrap the model for the training step (DDP, compile)."""
         recipe = self.recipe
-        saved = open_run(self.run_dir, resume=resume)
-
-        seed_everything(recipe.seed)
-        self.method = recipe.make_method()
-        self.backward = recipe.make_backward()
-        self.delta_estimator = recipe.make_delta()
-        self.dataset = recipe.make_dataset()
-        self.train_set = self.dataset.train_set(recipe.data.root)
-        self.test_set = self.dataset.test_set(recipe.data.root)
-        self.num_classes = self.dataset.num_classes(recipe.data.root)
-        if recipe.data.batch_size > len(self.train_set):
-            raise ConfigError(
-                "data.batch_size",
-                f"{recipe.data.batch_size} is larger than the training set "
-                f"({len(self.train_set)} examples): every step would see the whole set; "
-                f"choose at most {len(self.train_set)}",
-            )
-        self.steps_per_epoch = len(self.train_sampler(0))
-        self.model = build_model(
-            recipe, self.num_classes, self.method, self.backward, self.delta_estimator
-        ).to(self.device)
+        #: the parts the run was built from (``build_run``); the trainer's attributes
+        #: below start as these and are what callbacks read and change
+        self.parts = parts
+        self.method = parts.method
+        self.backward = parts.backward
+        self.delta_estimator = parts.delta_estimator
+        self.dataset = parts.dataset
+        self.num_classes = parts.num_classes
+        self.steps_per_epoch = parts.steps_per_epoch
+        self.model = parts.model
         #: what the training step calls: the model itself, or a wrapper of it (compiled,
         #: DistributedDataParallel); callbacks read and change ``model``
         self.forward_model: nn.Module = self.model
         #: mixed precision (``amp``): the autocast dtype, or None; fp16 scales the loss
         self.amp_dtype = AMP_DTYPES[recipe.amp] if recipe.amp is not None else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.amp == "fp16")
-
-        self.optimizers: dict[str, torch.optim.Optimizer]
-        self.schedulers: dict[str, LRSchedule]
-        self.optimizers, self.schedulers = build_optimizers(
-            self.model, initial_layout(self.model), recipe, self.steps_per_epoch
-        )
-
-        self.callbacks: dict[str, object] = {
-            "delta": DeltaSchedule(self.delta_estimator, recipe.delta.batch_size)
-        }
-        for name, options in recipe.callback_options(self.method).items():
-            self.callbacks[name] = recipe.make_callback(name, options)
-        for name, callback in (callbacks or {}).items():
-            if name in self.callbacks:
-                raise PluginError(f"two callbacks of this run are named {name!r}")
-            self.callbacks[name] = callback
+        self.optimizers: dict[str, torch.optim.Optimizer] = parts.optimizers
+        self.schedulers: dict[str, LRSchedule] = parts.schedulers
+        self.callbacks: dict[str, object] = parts.callbacks
         self.plugin_manager = lifecycle_manager(self.callbacks)
         self.hooks = self.plugin_manager.hook
-
         if saved is not None:
             restore_trainer(self, saved)
-        else:
-            init_batch = self.sample_batches(1, tag="init")[0]
-            initialize_quantizers(self.model, init_batch[0])
         self.check_param_groups()
         self._ddp: distributed.DataParallel | None = None
         if distributed.is_distributed():
@@ -184,6 +169,24 @@ class Trainer:
             self._compile_forward_model()
 
     # ------------------------------------------------------------------ building
+
+    @property
+    def train_set(self) -> Dataset:
+        """The training set (the parts'; the loaders and ``sample_batches`` draw from it)."""
+        return self.parts.train_set
+
+    @train_set.setter
+    def train_set(self, dataset: Dataset) -> None:
+        self.parts.train_set = dataset
+
+    @property
+    def test_set(self) -> Dataset:
+        """The test set (the parts'; ``evaluate`` reads it)."""
+        return self.parts.test_set
+
+    @test_set.setter
+    def test_set(self, dataset: Dataset) -> None:
+        self.parts.test_set = dataset
 
     def _compile_forward_model(self) -> None:
         """``compile: true``: the training step calls ``torch.compile`` of the model (the
@@ -217,28 +220,22 @@ class Trainer:
         return self.criterion(model(inputs), targets)
 
     def _to_device(self, batch: Any) -> tuple[Tensor, Tensor]:
-        return to_device(batch, self.device, channels_last=self.recipe.channels_last)
+        return self.parts.to_device(batch)
 
     def train_sampler(self, epoch: int) -> distributed.GlobalBatchSampler:
         """This process's share of each global batch of ``epoch``; the global batches
         (``data.batch_size`` each) come from (seed, epoch), whatever the process count."""
-        seed = derive_seed(self.recipe.seed, "shuffle", epoch)
-        return train_sampler(len(self.train_set), self.recipe.data.batch_size, seed)
+        return self.parts.train_sampler(epoch)
 
     def train_loader(self, epoch: int) -> DataLoader:
         """The training loader of ``epoch`` (batches of ``train_sampler(epoch)``)."""
-        return train_loader(
-            self.train_set, self.train_sampler(epoch), self.recipe.data.workers, self.device
-        )
+        return self.parts.train_loader(epoch)
 
-    @contextlib.contextmanager
-    def seeded_rng(self, tag: str) -> Iterator[int]:
+    def seeded_rng(self, tag: str) -> contextlib.AbstractContextManager[int]:
         """Inside, torch's RNG (CPU and the training GPU) is seeded with (and yields) a
         seed derived from (seed, tag, epoch, step), the same in every process; the
         global RNG state is restored on exit, so the training stream is untouched."""
-        seed = derive_seed(self.recipe.seed, tag, self.epoch, self.step)
-        with forked_rng(seed, self.device):
-            yield seed
+        return self.parts.seeded_rng(tag, self.epoch, self.step)
 
     def sample_batches(
         self, count: int, batch_size: int | None = None, *, tag: str = "sample"
@@ -246,9 +243,9 @@ class Trainer:
         """``count`` training batches (augmented, shuffled) on the device, drawn with a
         seed derived from (seed, tag, epoch, step); the global RNG is left as it was.
         Under DDP every process draws the same whole batches (not a share)."""
-        with self.seeded_rng(tag) as seed:
-            size = batch_size or self.recipe.data.batch_size
-            return [self._to_device(b) for b in draw_batches(self.train_set, count, size, seed)]
+        return self.parts.sample_batches(
+            count, batch_size, tag=tag, epoch=self.epoch, step=self.step
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -258,8 +255,7 @@ class Trainer:
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
-        data = self.recipe.data
-        loader = test_loader(self.test_set, data.batch_size, data.workers, self.device)
+        loader = self.parts.test_loader()
         loss_sum, correct, count = 0.0, 0, 0
         try:
             for batch in loader:
