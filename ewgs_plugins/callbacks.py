@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from torch import nn
 
 from . import distributed, rundir
 from .backward import StraightThrough
@@ -35,6 +36,7 @@ from .hookspecs import PROJECT, LifecycleSpec, hookimpl
 from .mechanism import Mechanism
 from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, fixed_delta_sites, set_deltas
+from .round_site import round_sites
 from .tensorboard import TensorBoard
 
 if TYPE_CHECKING:
@@ -59,7 +61,8 @@ def lifecycle_manager(callbacks: Mapping[str, object]) -> pluggy.PluginManager:
 
 
 class DeltaSchedule:
-    """The δ schedule: δ starts at the estimator's initial value; an estimator with a
+    """The δ schedule: δ starts at the estimator's initial value (per site kind where
+    the estimator gives one, as ``fixed`` with ``weight``/``activation``); an estimator with a
     schedule (``hessian``) estimates δ every ``every`` epochs (``unit: epoch``, at the
     start of the epoch, once ``every`` epochs have run) or steps (not after the last
     step, where a new δ would train nothing), and once before training if
@@ -88,6 +91,7 @@ class DeltaSchedule:
     @hookimpl
     def ewgs_train_start(self, trainer: Trainer) -> None:
         if not self.history:
+            self._apply_initial(trainer.model)
             self._record(trainer)
             if self.estimator.before_training:
                 self.estimate(trainer)
@@ -104,6 +108,19 @@ class DeltaSchedule:
         last = done >= trainer.recipe.epochs * trainer.steps_per_epoch  # nothing trains after
         if self.estimator.unit == "step" and self.estimator.due(step=done) and not last:
             self.estimate(trainer)
+
+    def _apply_initial(self, model: nn.Module) -> None:
+        # The model was built with δ = estimator.initial() everywhere; an estimator that
+        # tells weight sites from activation sites (``initial_for``) sets its own.
+        fixed = fixed_delta_sites(model)
+        initial = self.estimator.initial()
+        start = {
+            name: value
+            for name in round_sites(model)
+            if name not in fixed and (value := self.estimator.initial_for(name)) != initial
+        }
+        if start:
+            set_deltas(model, start)
 
     def estimate(self, trainer: Trainer) -> None:
         """Estimate δ now (in train mode, as the paper does) and apply it.

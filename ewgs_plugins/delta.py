@@ -20,6 +20,13 @@ from .round_site import RoundSite, round_sites
 
 Representative = Literal["std", "max", "mean"]
 Schedule = Literal["epoch", "step"]
+SiteKind = Literal["weight", "activation"]
+
+
+def site_kind(name: str) -> SiteKind:
+    """Whether the round site ``name`` (as ``round_sites`` names it) rounds a weight
+    (``*.weight``) or a layer's input, an activation (``*.input``)."""
+    return "weight" if name.endswith(".weight") else "activation"
 
 
 class DeltaEstimator:
@@ -34,6 +41,11 @@ class DeltaEstimator:
 
     def initial(self) -> float:
         raise NotImplementedError
+
+    def initial_for(self, site: str) -> float:
+        """δ of the round site named ``site`` before any estimate (``initial()`` unless
+        the estimator tells the kinds of site apart)."""
+        return self.initial()
 
     def estimate(
         self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
@@ -52,17 +64,30 @@ class DeltaEstimator:
 @dataclass
 class FixedDelta(DeltaEstimator):
     """A constant δ (paper: 1e-3 for its own quantizer on CIFAR-10, 0.01 for DoReFa
-    and PROFIT)."""
+    and PROFIT). ``weight`` and ``activation``, when given, replace ``value`` at the
+    weight sites and at the activation (layer input) sites respectively; δ = 0 at a
+    site gives it exactly the straight-through gradient."""
 
     value: float = 1e-3
+    weight: float | None = None
+    activation: float | None = None
     name = "fixed"
 
     def __post_init__(self) -> None:
-        if not self.value >= 0:
-            raise ValueError(f"δ must be >= 0, got {self.value}")
+        for field, value in (
+            ("value", self.value),
+            ("weight", self.weight),
+            ("activation", self.activation),
+        ):
+            if value is not None and not value >= 0:
+                raise ValueError(f"δ must be >= 0, got {field} = {value}")
 
     def initial(self) -> float:
         return self.value
+
+    def initial_for(self, site: str) -> float:
+        per_kind = self.weight if site_kind(site) == "weight" else self.activation
+        return self.value if per_kind is None else per_kind
 
 
 Probe = Literal["site", "kind", "all", "scaled"]
@@ -217,7 +242,7 @@ def probe_groups(probe: Probe, names: list[str]) -> list[list[int]]:
         return [[i] for i in range(len(names))]
     if probe in ("all", "scaled"):
         return [list(range(len(names)))]
-    weights = [i for i, name in enumerate(names) if name.endswith(".weight")]
+    weights = [i for i, name in enumerate(names) if site_kind(name) == "weight"]
     others = [i for i in range(len(names)) if i not in weights]
     return [group for group in (weights, others) if group]
 
