@@ -21,6 +21,7 @@ backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mec
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,11 @@ class DeltaSchedule:
     training batches of ``batch_size`` (None: the training batch size). Whenever δ of
     any site changes, the δ of every active site is appended to ``deltas.jsonl`` in the
     run directory: ``{"epoch": e, "step": s, "deltas": {site: δ}}`` (``epoch`` is the
-    0-based epoch the value applies from, ``step`` the optimizer steps done).
+    0-based epoch the value applies from, ``step`` the optimizer steps done); after an
+    estimate whose estimator knows its precision, ``"standard_errors": {site: se}`` of
+    each estimated site's ratio ``(Tr(H)/N)/G`` before ``max(0, ·)`` (null where
+    unknown). The estimator's own state (``HessianDelta``'s pooled refreshes) is
+    checkpointed with the history.
 
     Under the ``ste`` rule δ has no effect, so nothing is estimated (the initial value is
     still logged once).
@@ -83,10 +88,16 @@ class DeltaSchedule:
         self.history: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": json.loads(json.dumps(self.history))}
+        state: dict[str, Any] = {"history": json.loads(json.dumps(self.history))}
+        estimator = self.estimator.state_dict()
+        if estimator:
+            state["estimator"] = estimator
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = list(state["history"])
+        if "estimator" in state:
+            self.estimator.load_state_dict(state["estimator"])
 
     @hookimpl
     def ewgs_train_start(self, trainer: Trainer) -> None:
@@ -144,17 +155,25 @@ class DeltaSchedule:
         if new:
             new = distributed.broadcast_values(new)
             set_deltas(model, new)
-            self._record(trainer)
+            errors = {k: v for k, v in self.estimator.standard_errors().items() if k in new}
+            self._record(trainer, distributed.broadcast_values(errors) if errors else None)
 
-    def _record(self, trainer: Trainer) -> None:
+    def _record(self, trainer: Trainer, errors: Mapping[str, float] | None = None) -> None:
         current = {n: float(s.delta) for n, s in active_round_sites(trainer.model).items()}
         if self.history and self.history[-1]["deltas"] == current:
             return
-        self.history.append({"epoch": trainer.epoch, "step": trainer.step, "deltas": current})
+        row: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "deltas": current}
+        if errors:
+            row["standard_errors"] = {n: _json_number(errors[n]) for n in current if n in errors}
+        self.history.append(row)
         self._write(trainer.run_dir)
 
     def _write(self, run_dir: Path) -> None:
         rundir.write_jsonl(run_dir / rundir.DELTAS, self.history)
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no inf
 
 
 @hookimpl
