@@ -19,7 +19,8 @@ early stop) on ``--reference-batches`` fresh batches, compared with that mean.
 ``--drift-checkpoint`` (a later checkpoint of the same run, ``--drift-steps`` training
 steps on) repeats the refresh ``--drift-repeats`` times there: the change of mean δ
 per training step, and the bias a window of k refreshes every E steps would carry,
-``drift·E·(k−1)/2``.
+``drift·E·(k−1)/2``. ``--reuse-plain`` takes the refreshes at ``--checkpoint`` from an
+earlier ``--out`` (to measure drift against another checkpoint without redoing them).
 
     python bench/delta_stability.py RUN_DIR --checkpoint CKPT.pt --data-root DATA \\
         --drift-checkpoint LATER.pt --drift-steps 40 --out stability.json
@@ -118,6 +119,8 @@ def analyse(result: dict, window: int) -> dict:
         "seconds_per_refresh": statistics.median(r["seconds"] for r in plain),
         "before": _median_worst(before),
         "after": _median_worst(after),
+        # independent refreshes: the mean of k has 1/√k the sd (before max(0, ·))
+        "after_predicted": _median_worst({n: v / math.sqrt(window) for n, v in before.items()}),
         "after_groups": len(groups),
         "per_site": {
             n: {"mean": means[n], "se": errors[n], "before": before.get(n), "after": after.get(n)}
@@ -142,10 +145,18 @@ def analyse(result: dict, window: int) -> dict:
         steps = result["drift_steps"]
         per_step = {n: (later.pooled[n].mean - m) / steps for n, m in resolved.items()}
         drift_se = {n: math.hypot(later.standard_errors()[n], errors[n]) / steps for n in resolved}
-        summary["drift_per_step_relative"] = _median_worst(
-            {n: abs(d) / resolved[n] for n, d in per_step.items()}
-        )
-        summary["drift_resolved"] = sum(abs(d) > 2 * drift_se[n] for n, d in per_step.items())
+        z = {n: d / drift_se[n] for n, d in per_step.items()}
+        # noise-corrected mean square relative drift: E[d²] = drift² + SE²
+        excess = [(per_step[n] ** 2 - drift_se[n] ** 2) / resolved[n] ** 2 for n in resolved]
+        summary["drift"] = {
+            "steps": steps,
+            "resolved": sum(abs(v) > 2 for v in z.values()),
+            "chi2": sum(v * v for v in z.values()),
+            "rms_relative_per_step": math.sqrt(max(0.0, statistics.mean(excess))),
+            "resolution_relative_per_step": statistics.median(
+                2 * drift_se[n] / resolved[n] for n in resolved
+            ),
+        }
         for n in resolved:
             summary["per_site"][n]["drift_per_step"] = per_step[n]
             summary["per_site"][n]["drift_se"] = drift_se[n]
@@ -172,9 +183,14 @@ def report(summary: dict, window: int, every: int) -> str:
     ]
     if a:
         lines.append(
-            f"| pooled over {window} refreshes (average: window) | {a['median']:.1%} "
-            f"| {a['worst']:.1%} ({a['site']}) |"
+            f"| pooled over {window} refreshes (average: window), {summary['after_groups']} "
+            f"disjoint groups | {a['median']:.1%} | {a['worst']:.1%} ({a['site']}) |"
         )
+    p = summary["after_predicted"]
+    lines.append(
+        f"| pooled over {window} refreshes, predicted (sd/√{window}) | {p['median']:.1%} "
+        f"| {p['worst']:.1%} ({p['site']}) |"
+    )
     if "reference_over_mean" in summary:
         r = summary["reference_over_mean"]
         lines.append(
@@ -182,14 +198,18 @@ def report(summary: dict, window: int, every: int) -> str:
             f"{r['median']:.1%}, worst {r['worst']:.1%} ({r['site']}); "
             f"{summary['reference_seconds']:.0f} s"
         )
-    if "drift_per_step_relative" in summary:
-        d = summary["drift_per_step_relative"]
+    if "drift" in summary:
+        d = summary["drift"]
         lag = (window - 1) / 2 * every
         lines.append(
-            f"\ndrift of mean δ per training step (relative): median {d['median']:.2%}, worst "
-            f"{d['worst']:.2%} ({d['site']}); {summary['drift_resolved']} sites beyond 2 SE. "
-            f"A window of {window} refreshes every {every} steps lags {lag:.0f} steps: a bias of "
-            f"median {d['median'] * lag:.1%}, worst {d['worst'] * lag:.1%} of δ."
+            f"\ndrift of mean δ over {d['steps']} training steps: beyond 2 SE at "
+            f"{d['resolved']} of {summary['resolved']} sites; Σz² = {d['chi2']:.1f} "
+            f"(≈ {summary['resolved']} without drift); noise-corrected RMS relative drift "
+            f"{d['rms_relative_per_step']:.3%} per step (resolution, median 2 SE: "
+            f"{d['resolution_relative_per_step']:.3%} per step). A window of {window} "
+            f"refreshes every {every} steps lags {lag:.0f} steps: a bias of "
+            f"{d['rms_relative_per_step'] * lag:.1%} of δ (RMS), below "
+            f"{d['resolution_relative_per_step'] * lag:.1%} at this resolution."
         )
     return "\n".join(lines)
 
@@ -209,11 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-samples", type=int, default=0)
     parser.add_argument("--reference-batches", type=int, default=2)
     parser.add_argument("--drift-checkpoint", type=Path)
-    parser.add_argument("--drift-steps", type=int, default=40)
+    parser.add_argument(
+        "--drift-steps", type=int, default=40, help="negative: the drift checkpoint is older"
+    )
     parser.add_argument("--drift-repeats", type=int, default=12)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, help="the raw ratios and the summary (JSON)")
     parser.add_argument("--from-json", type=Path, help="report a saved --out instead")
+    parser.add_argument(
+        "--reuse-plain", type=Path, help="a saved --out whose refreshes at --checkpoint to reuse"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build(args.run_dir, args.data_root)
         load(trainer, args.checkpoint)
         result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-        result["plain"] = refreshes(trainer, args.repeats, args, "plain", **probing)
+        if args.reuse_plain:  # the refreshes at --checkpoint from an earlier --out
+            result["plain"] = json.loads(args.reuse_plain.read_text())["plain"]
+        else:
+            result["plain"] = refreshes(trainer, args.repeats, args, "plain", **probing)
         _save(args.out, result)
         if args.drift_checkpoint:
             load(trainer, args.drift_checkpoint)

@@ -110,6 +110,11 @@ Average = Literal["none", "window", "ema"]
 #: estimate: cost against agreement"); the paper's is ``probe="site", samples=50``.
 DEFAULT_PROBE: Probe = "kind"
 DEFAULT_SAMPLES = 3
+#: The default pooling: δ from the per-batch ratios of the last 3 refreshes, a third of
+#: one refresh's variance at the same cost, for a lag of one refresh (documentation,
+#: "Precision of the δ estimate"); the paper's is ``average="none"``.
+DEFAULT_AVERAGE: Average = "window"
+DEFAULT_WINDOW = 3
 
 
 @dataclass
@@ -141,17 +146,20 @@ class HessianDelta(DeltaEstimator):
     ``average`` pools the per-batch ratios ``(Tr(H)/N)/G`` of successive estimates
     (refreshes) before ``max(0, ·)``, at no extra cost per refresh:
 
-    - ``none``: each refresh alone (the paper);
-    - ``window``: the plain mean of the per-batch ratios of the last ``window``
-      refreshes (null: all so far). On a fixed model the variance is 1/k of one
-      refresh's after k refreshes; when δ drifts by ``s`` per refresh the pooled
-      value lags by ``(k-1)/2`` refreshes, a bias of ``-s·(k-1)/2``.
+    - ``none``: each refresh alone (the paper; with ``probe: site, samples: 50`` the
+      paper's estimator exactly);
+    - ``window`` (the default, with ``window: 3``): the plain mean of the per-batch
+      ratios of the last ``window`` refreshes (null: all so far). On a fixed model
+      the variance is 1/k of one refresh's after k refreshes; when δ drifts by ``s``
+      per refresh the pooled value lags by ``(k-1)/2`` refreshes, a bias of
+      ``-s·(k-1)/2``.
     - ``ema``: ``m ← decay·m + (1-decay)·r̄`` with ``r̄`` this refresh's mean ratio
       (the first refresh alone starts it); the variance tends to
       ``(1-decay)/(1+decay)`` of one refresh's and a steady drift lags by
       ``decay/(1-decay)`` refreshes.
 
-    With one refresh every choice equals ``none``. The standard error of each pooled δ
+    With one refresh every choice equals ``none``. A refresh before training
+    (``before_training``) enters the pool like any other. The standard error of each pooled δ
     (``standard_errors()``) comes from the spread of the per-batch ratios it pools.
     """
 
@@ -167,8 +175,8 @@ class HessianDelta(DeltaEstimator):
     representative: Representative = "std"
     before_training: bool = False
     initial_value: float = 0.0
-    average: Average = "none"
-    window: int | None = 3
+    average: Average = DEFAULT_AVERAGE
+    window: int | None = DEFAULT_WINDOW
     decay: float = 0.5
     name = "hessian"
     pool: RatioPool = field(init=False, repr=False, compare=False)

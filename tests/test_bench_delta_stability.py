@@ -47,5 +47,16 @@ def test_pooling_shrinks_the_spread_as_root_window_and_drift_is_measured():
     assert noisy["after"] == pytest.approx(noisy["before"] / math.sqrt(3), rel=0.3)
     assert summary["before"]["worst"] == noisy["before"]
     assert noisy["drift_per_step"] == pytest.approx(0.01 / 40, rel=0.3)
+    drift = summary["drift"]
+    assert drift["resolved"] >= 1 and drift["chi2"] > 2 * summary["resolved"]
+    assert drift["rms_relative_per_step"] > 0
     text = bench.report(summary, window=3, every=80)
     assert "pooled over 3 refreshes" in text and "lags 80 steps" in text
+
+
+def test_no_drift_reads_as_none_resolved():
+    bench = load_bench()
+    rng = random.Random(1)
+    result = {"plain": refreshes(rng, 60), "drift": refreshes(rng, 60), "drift_steps": 40}
+    drift = bench.analyse(result, window=3)["drift"]
+    assert drift["resolved"] <= 1 and drift["chi2"] < 8
