@@ -144,7 +144,9 @@ def analyse(result: dict, window: int) -> dict:
             later.add(refresh["ratios"])
         steps = result["drift_steps"]
         per_step = {n: (later.pooled[n].mean - m) / steps for n, m in resolved.items()}
-        drift_se = {n: math.hypot(later.standard_errors()[n], errors[n]) / steps for n in resolved}
+        drift_se = {
+            n: math.hypot(later.standard_errors()[n], errors[n]) / abs(steps) for n in resolved
+        }
         z = {n: d / drift_se[n] for n, d in per_step.items()}
         # noise-corrected mean square relative drift: E[d²] = drift² + SE²
         excess = [(per_step[n] ** 2 - drift_se[n] ** 2) / resolved[n] ** 2 for n in resolved]
@@ -207,9 +209,8 @@ def report(summary: dict, window: int, every: int) -> str:
             f"(≈ {summary['resolved']} without drift); noise-corrected RMS relative drift "
             f"{d['rms_relative_per_step']:.3%} per step (resolution, median 2 SE: "
             f"{d['resolution_relative_per_step']:.3%} per step). A window of {window} "
-            f"refreshes every {every} steps lags {lag:.0f} steps: a bias of "
-            f"{d['rms_relative_per_step'] * lag:.1%} of δ (RMS), below "
-            f"{d['resolution_relative_per_step'] * lag:.1%} at this resolution."
+            f"refreshes every {every} steps lags {lag:.0f} steps: a bias of about "
+            f"{d['rms_relative_per_step'] * lag:.1%} of δ (RMS) at this drift."
         )
     return "\n".join(lines)
 
