@@ -21,6 +21,7 @@ backward rule does to the latent weights per layer and epoch (``ewgs_plugins.mec
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ from .hookspecs import PROJECT, LifecycleSpec, hookimpl
 from .mechanism import Mechanism
 from .qat_callbacks import Distill, WeightEMA
 from .quant import active_round_sites, fixed_delta_sites, set_deltas
+from .round_site import round_sites
 from .tensorboard import TensorBoard
 
 if TYPE_CHECKING:
@@ -60,7 +62,8 @@ def lifecycle_manager(callbacks: Mapping[str, object]) -> pluggy.PluginManager:
 
 
 class DeltaSchedule:
-    """The δ schedule: δ starts at the estimator's initial value; an estimator with a
+    """The δ schedule: δ starts at the estimator's initial value (per site kind where
+    the estimator gives one, as ``fixed`` with ``weight``/``activation``); an estimator with a
     schedule (``hessian``) estimates δ every ``every`` epochs (``unit: epoch``, at the
     start of the epoch, once ``every`` epochs have run) or steps (not after the last
     step, where a new δ would train nothing), and once before training if
@@ -68,7 +71,11 @@ class DeltaSchedule:
     training batches of ``batch_size`` (None: the training batch size). Whenever δ of
     any site changes, the δ of every active site is appended to ``deltas.jsonl`` in the
     run directory: ``{"epoch": e, "step": s, "deltas": {site: δ}}`` (``epoch`` is the
-    0-based epoch the value applies from, ``step`` the optimizer steps done).
+    0-based epoch the value applies from, ``step`` the optimizer steps done); after an
+    estimate whose estimator knows its precision, ``"standard_errors": {site: se}`` of
+    each estimated site's ratio ``(Tr(H)/N)/G`` before ``max(0, ·)`` (null where
+    unknown). The estimator's own state (``HessianDelta``'s pooled refreshes) is
+    checkpointed with the history.
 
     Under the ``ste`` rule δ has no effect, so nothing is estimated (the initial value is
     still logged once).
@@ -81,14 +88,21 @@ class DeltaSchedule:
         self.history: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": json.loads(json.dumps(self.history))}
+        state: dict[str, Any] = {"history": json.loads(json.dumps(self.history))}
+        estimator = self.estimator.state_dict()
+        if estimator:
+            state["estimator"] = estimator
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = list(state["history"])
+        if "estimator" in state:
+            self.estimator.load_state_dict(state["estimator"])
 
     @hookimpl
     def ewgs_train_start(self, trainer: Trainer) -> None:
         if not self.history:
+            self._apply_initial(trainer.model)
             self._record(trainer)
             if self.estimator.before_training:
                 self.estimate(trainer)
@@ -111,6 +125,19 @@ class DeltaSchedule:
         ``step`` optimizer steps, by the estimator's schedule (``every``, ``unit``)."""
         unit = "epoch" if epoch is not None else "step"
         return self.estimator.unit == unit and self.estimator.due(epoch=epoch, step=step)
+
+    def _apply_initial(self, model: nn.Module) -> None:
+        # The model was built with δ = estimator.initial() everywhere; an estimator that
+        # tells weight sites from activation sites (``initial_for``) sets its own.
+        fixed = fixed_delta_sites(model)
+        initial = self.estimator.initial()
+        start = {
+            name: value
+            for name in round_sites(model)
+            if name not in fixed and (value := self.estimator.initial_for(name)) != initial
+        }
+        if start:
+            set_deltas(model, start)
 
     def refresh(
         self,
@@ -152,17 +179,25 @@ class DeltaSchedule:
         with trainer.seeded_rng("probes"):
             new = self.refresh(model, batches, trainer.loss_fn)
         if new:
-            self._record(trainer)
+            errors = {k: v for k, v in self.estimator.standard_errors().items() if k in new}
+            self._record(trainer, distributed.broadcast_values(errors) if errors else None)
 
-    def _record(self, trainer: Trainer) -> None:
+    def _record(self, trainer: Trainer, errors: Mapping[str, float] | None = None) -> None:
         current = {n: float(s.delta) for n, s in active_round_sites(trainer.model).items()}
         if self.history and self.history[-1]["deltas"] == current:
             return
-        self.history.append({"epoch": trainer.epoch, "step": trainer.step, "deltas": current})
+        row: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, "deltas": current}
+        if errors:
+            row["standard_errors"] = {n: _json_number(errors[n]) for n in current if n in errors}
+        self.history.append(row)
         self._write(trainer.run_dir)
 
     def _write(self, run_dir: Path) -> None:
         rundir.write_jsonl(run_dir / rundir.DELTAS, self.history)
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no inf
 
 
 @hookimpl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,13 @@ from .round_site import RoundSite, round_sites
 
 Representative = Literal["std", "max", "mean"]
 Schedule = Literal["epoch", "step"]
+SiteKind = Literal["weight", "activation"]
+
+
+def site_kind(name: str) -> SiteKind:
+    """Whether the round site ``name`` (as ``round_sites`` names it) rounds a weight
+    (``*.weight``) or a layer's input, an activation (``*.input``)."""
+    return "weight" if name.endswith(".weight") else "activation"
 
 
 class DeltaEstimator:
@@ -35,10 +42,27 @@ class DeltaEstimator:
     def initial(self) -> float:
         raise NotImplementedError
 
+    def initial_for(self, site: str) -> float:
+        """δ of the round site named ``site`` before any estimate (``initial()`` unless
+        the estimator tells the kinds of site apart)."""
+        return self.initial()
+
     def estimate(
         self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
     ) -> dict[str, float] | None:
         return None
+
+    def standard_errors(self) -> dict[str, float]:
+        """The standard error of the last estimate's δ per site, where the estimator
+        knows it (empty otherwise)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the estimator between estimates (plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
 
     def due(self, *, epoch: int | None = None, step: int | None = None) -> bool:
         """Whether an estimate is due after ``epoch`` epochs or ``step`` steps have run
@@ -52,26 +76,45 @@ class DeltaEstimator:
 @dataclass
 class FixedDelta(DeltaEstimator):
     """A constant δ (paper: 1e-3 for its own quantizer on CIFAR-10, 0.01 for DoReFa
-    and PROFIT)."""
+    and PROFIT). ``weight`` and ``activation``, when given, replace ``value`` at the
+    weight sites and at the activation (layer input) sites respectively; δ = 0 at a
+    site gives it exactly the straight-through gradient."""
 
     value: float = 1e-3
+    weight: float | None = None
+    activation: float | None = None
     name = "fixed"
 
     def __post_init__(self) -> None:
-        if not self.value >= 0:
-            raise ValueError(f"δ must be >= 0, got {self.value}")
+        for key, value in (
+            ("value", self.value),
+            ("weight", self.weight),
+            ("activation", self.activation),
+        ):
+            if value is not None and not value >= 0:
+                raise ValueError(f"δ must be >= 0, got {key} = {value}")
 
     def initial(self) -> float:
         return self.value
 
+    def initial_for(self, site: str) -> float:
+        per_kind = self.weight if site_kind(site) == "weight" else self.activation
+        return self.value if per_kind is None else per_kind
+
 
 Probe = Literal["site", "kind", "all", "scaled"]
 Stop = Literal["change", "sem"]
+Average = Literal["none", "window", "ema"]
 #: The default probing: the cheapest setting measured that agrees with the paper's
 #: per-site estimator at the CIFAR-10 recipe's settings (README, Benchmarks, "The δ
 #: estimate: cost against agreement"); the paper's is ``probe="site", samples=50``.
 DEFAULT_PROBE: Probe = "kind"
 DEFAULT_SAMPLES = 3
+#: The default pooling: δ from the per-batch ratios of the last 3 refreshes, a third of
+#: one refresh's variance at the same cost, for a lag of one refresh (documentation,
+#: "Precision of the δ estimate"); the paper's is ``average="none"``.
+DEFAULT_AVERAGE: Average = "window"
+DEFAULT_WINDOW = 3
 
 
 @dataclass
@@ -99,6 +142,25 @@ class HessianDelta(DeltaEstimator):
     its magnitude; the paper's rule) or ``sem`` (the standard error of the mean is at
     most ``tol`` times its magnitude); ``tol: 0`` never stops early. ``sub_batch``
     estimates on the first ``sub_batch`` samples of each batch (null: the whole batch).
+
+    ``average`` pools the per-batch ratios ``(Tr(H)/N)/G`` of successive estimates
+    (refreshes) before ``max(0, ·)``, at no extra cost per refresh:
+
+    - ``none``: each refresh alone (the paper; with ``probe: site, samples: 50`` the
+      paper's estimator exactly);
+    - ``window`` (the default, with ``window: 3``): the plain mean of the per-batch
+      ratios of the last ``window`` refreshes (null: all so far). On a fixed model
+      the variance is 1/k of one refresh's after k refreshes; when δ drifts by ``s``
+      per refresh the pooled value lags by ``(k-1)/2`` refreshes, a bias of
+      ``-s·(k-1)/2``.
+    - ``ema``: ``m ← decay·m + (1-decay)·r̄`` with ``r̄`` this refresh's mean ratio
+      (the first refresh alone starts it); the variance tends to
+      ``(1-decay)/(1+decay)`` of one refresh's and a steady drift lags by
+      ``decay/(1-decay)`` refreshes.
+
+    With one refresh every choice equals ``none``. A refresh before training
+    (``before_training``) enters the pool like any other. The standard error of each pooled δ
+    (``standard_errors()``) comes from the spread of the per-batch ratios it pools.
     """
 
     every: int = 10
@@ -113,22 +175,30 @@ class HessianDelta(DeltaEstimator):
     representative: Representative = "std"
     before_training: bool = False
     initial_value: float = 0.0
+    average: Average = DEFAULT_AVERAGE
+    window: int | None = DEFAULT_WINDOW
+    decay: float = 0.5
     name = "hessian"
+    pool: RatioPool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for field, value, minimum in (
+        for key, value, minimum in (
             ("every", self.every, 0),
             ("batches", self.batches, 1),
             ("samples", self.samples, 1),
             ("per_product", self.per_product, 1),
             ("sub_batch", 1 if self.sub_batch is None else self.sub_batch, 1),
+            ("window", 1 if self.window is None else self.window, 1),
         ):
             if value < minimum:
-                raise ValueError(f"{field} must be >= {minimum}, got {value}")
+                raise ValueError(f"{key} must be >= {minimum}, got {value}")
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
         if not self.initial_value >= 0:
             raise ValueError(f"initial_value (δ) must be >= 0, got {self.initial_value}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        self.pool = RatioPool(self.average, self.window, self.decay)
 
     def initial(self) -> float:
         return self.initial_value
@@ -136,7 +206,7 @@ class HessianDelta(DeltaEstimator):
     def estimate(
         self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
     ) -> dict[str, float]:
-        return estimate_hessian_deltas(
+        ratios = curvature_ratios(
             model,
             batches,
             loss_fn,
@@ -148,6 +218,120 @@ class HessianDelta(DeltaEstimator):
             sub_batch=self.sub_batch,
             representative=self.representative,
         )
+        return self.pool.add({name: [r for r, _ in rs] for name, rs in ratios.items()})
+
+    def standard_errors(self) -> dict[str, float]:
+        return self.pool.standard_errors()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pool.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pool.load_state_dict(state)
+
+
+@dataclass
+class PooledRatio:
+    """One site's pooled ratio ``(Tr(H)/N)/G``: its mean and that mean's standard
+    error."""
+
+    mean: float
+    standard_error: float
+
+
+class RatioPool:
+    """The per-batch ratios ``(Tr(H)/N)/G`` of successive δ estimates, pooled per site
+    as ``HessianDelta.average`` says (``none``, ``window``, ``ema``); ``add`` takes one
+    refresh's ratios and returns δ = max(0, pooled mean).
+
+    The standard error counts the noise of the pooled ratios (probes and batches), from
+    their spread within each refresh (across refreshes only when a refresh has a single
+    batch, where it also counts any drift of δ); it does not count the lag."""
+
+    def __init__(
+        self, average: Average = "none", window: int | None = 3, decay: float = 0.5
+    ) -> None:
+        self.average, self.window, self.decay = average, window, decay
+        #: per refresh (oldest first; under ``ema`` only the last): site -> its ratios
+        self.refreshes: list[dict[str, list[float]]] = []
+        #: ``ema``: site -> [mean, variance of the mean, variance of one ratio]
+        self.moving: dict[str, list[float]] = {}
+        self.pooled: dict[str, PooledRatio] = {}
+
+    def add(self, ratios: Mapping[str, list[float]]) -> dict[str, float]:
+        ratios = {name: list(values) for name, values in ratios.items()}
+        self.refreshes.append(ratios)
+        kept = self.window if self.average == "window" else 1
+        if kept is not None:
+            del self.refreshes[: max(0, len(self.refreshes) - kept)]
+        if self.average == "ema":
+            self._update_moving(ratios)
+        self.pooled = self._pool()
+        return {name: max(0.0, pooled.mean) for name, pooled in self.pooled.items()}
+
+    def standard_errors(self) -> dict[str, float]:
+        """Per site, the standard error of the last pooled mean ratio (inf where the
+        ratios pooled give no spread to measure)."""
+        return {name: pooled.standard_error for name, pooled in self.pooled.items()}
+
+    def _update_moving(self, ratios: Mapping[str, list[float]]) -> None:
+        decay = self.decay
+        for name, values in ratios.items():
+            mean, variance = _mean_and_variance(values)
+            if name not in self.moving:
+                self.moving[name] = [mean, variance / len(values), variance]
+                continue
+            old_mean, old_mean_variance, old_variance = self.moving[name]
+            variance = decay * old_variance + (1 - decay) * variance
+            self.moving[name] = [
+                decay * old_mean + (1 - decay) * mean,
+                decay**2 * old_mean_variance + (1 - decay) ** 2 * variance / len(values),
+                variance,
+            ]
+
+    def _pool(self) -> dict[str, PooledRatio]:
+        if self.average == "ema":
+            return {
+                name: PooledRatio(mean, math.sqrt(mean_variance) if variance > 0 else math.inf)
+                for name, (mean, mean_variance, variance) in self.moving.items()
+            }
+        groups: dict[str, list[list[float]]] = {}
+        for refresh in self.refreshes:
+            for name, values in refresh.items():
+                groups.setdefault(name, []).append(values)
+        pooled = {}
+        for name, lists in groups.items():
+            values = [v for group in lists for v in group]
+            # Eq. 10 per batch averaged over the batches, summed in the order of the
+            # plain estimate (so that one refresh gives exactly its value)
+            mean = sum(values) / len(values)
+            dof = sum(len(group) - 1 for group in lists)
+            if dof > 0:  # pooled within-refresh variance of one ratio
+                variance = sum((len(g) - 1) * _mean_and_variance(g)[1] for g in lists) / dof
+            else:
+                dof = len(values) - 1
+                variance = _mean_and_variance(values)[1]
+            error = math.sqrt(variance / len(values)) if dof > 0 else math.inf
+            pooled[name] = PooledRatio(mean, error)
+        return pooled
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "refreshes": [{k: list(v) for k, v in r.items()} for r in self.refreshes],
+            "moving": {k: list(v) for k, v in self.moving.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.refreshes = [{k: list(v) for k, v in r.items()} for r in state["refreshes"]]
+        self.moving = {k: list(v) for k, v in state["moving"].items()}
+        self.pooled = self._pool()
+
+
+def _mean_and_variance(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def _representative(grad: Tensor, kind: Representative) -> Tensor:
@@ -217,7 +401,7 @@ def probe_groups(probe: Probe, names: list[str]) -> list[list[int]]:
         return [[i] for i in range(len(names))]
     if probe in ("all", "scaled"):
         return [list(range(len(names)))]
-    weights = [i for i, name in enumerate(names) if name.endswith(".weight")]
+    weights = [i for i, name in enumerate(names) if site_kind(name) == "weight"]
     others = [i for i in range(len(names)) if i not in weights]
     return [group for group in (weights, others) if group]
 

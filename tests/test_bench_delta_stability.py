@@ -1,0 +1,62 @@
+"""The δ-stability benchmark's analysis on constructed refreshes (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "delta_stability.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_delta_stability", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def refreshes(rng: random.Random, count: int, shift: float = 0.0) -> list[dict]:
+    """Refreshes of 3 batches: a noisy site, a quiet one, and one at δ = 0."""
+    out = []
+    for _ in range(count):
+        ratios = {
+            "a.weight": [0.07 + shift + rng.gauss(0, 0.03) for _ in range(3)],
+            "a.input": [0.01 + rng.gauss(0, 0.001) for _ in range(3)],
+            "b.weight": [-0.02 + rng.gauss(0, 0.001) for _ in range(3)],
+        }
+        out.append({"seconds": 1.0, "ratios": ratios})
+    return out
+
+
+def test_pooling_shrinks_the_spread_as_root_window_and_drift_is_measured():
+    bench = load_bench()
+    rng = random.Random(0)
+    result = {"plain": refreshes(rng, 300), "drift": refreshes(rng, 300, 0.01), "drift_steps": 40}
+    summary = bench.analyse(result, window=3)
+    assert summary["resolved"] == 2  # the site at δ = 0 is not scored
+    noisy = summary["per_site"]["a.weight"]
+    # one refresh: sd of the mean of 3 batches, 0.03/√3 of 0.07
+    assert noisy["before"] == pytest.approx(0.03 / math.sqrt(3) / 0.07, rel=0.15)
+    assert noisy["after"] == pytest.approx(noisy["before"] / math.sqrt(3), rel=0.3)
+    assert summary["before"]["worst"] == noisy["before"]
+    assert noisy["drift_per_step"] == pytest.approx(0.01 / 40, rel=0.3)
+    drift = summary["drift"]
+    assert drift["resolved"] >= 1 and drift["chi2"] > 2 * summary["resolved"]
+    assert drift["rms_relative_per_step"] > 0
+    text = bench.report(summary, window=3, every=80)
+    assert "pooled over 3 refreshes" in text and "lags 80 steps" in text
+
+
+def test_no_drift_reads_as_none_resolved():
+    bench = load_bench()
+    rng = random.Random(1)
+    result = {"plain": refreshes(rng, 60), "drift": refreshes(rng, 60), "drift_steps": 40}
+    drift = bench.analyse(result, window=3)["drift"]
+    assert drift["resolved"] <= 1 and drift["chi2"] < 8
