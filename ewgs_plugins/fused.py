@@ -276,6 +276,7 @@ def run(kind: str, *args: Any, wanted: tuple[bool, ...] | None = None) -> Any:
     if key not in _kernels:
         formula = FORMULAS[kind] if wanted is None else _selecting(FORMULAS[kind], wanted)
         _kernels[key] = formula, _compile(formula)
+        _compiled.difference_update([done for done in _compiled if done[0] == key])
     formula, kernel = _kernels[key]
     if (kind, device) in _failed:
         return formula(*args)
