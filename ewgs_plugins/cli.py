@@ -1,14 +1,19 @@
 """The ``ewgs`` command line.
 
-    ewgs train RECIPE [key=value ...] [--resume]     one run
-    ewgs compare RECIPE [key=value ...] [--resume]   every run of the matrix, then the report
+    ewgs train RECIPE [key=value ...] [--resume] [--dry-run]     one run
+    ewgs compare RECIPE [key=value ...] [--resume] [--dry-run]   every run of the matrix,
+                                                                 then the report
+    ewgs recipes                                     the shipped recipes, by name
     ewgs report RUN_DIR                              paired table + plots from finished runs
     ewgs export RUN_DIR [--format int|onnx] [--out PATH]   the trained integers / ONNX
     ewgs summary RUN_DIR                             per-layer table and model size
     ewgs plugins                                     what is registered, from which plugin
 
-Bad input (a recipe error, a missing file, an unknown plugin) prints one line and
-exits with status 2.
+RECIPE is a YAML file, or a shipped recipe by name (``demo/digits``). Bad input (a
+recipe error, a missing file, an unknown plugin) prints one line and exits with status 2.
+
+The parser builds without torch (``ewgs --help`` answers at once): each command imports
+the modules it needs when it runs.
 """
 
 from __future__ import annotations
@@ -17,21 +22,33 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import distributed, export, host_memory, rundir
+from . import recipes
 from .errors import ConfigError, EwgsError, TrainingError
-from .recipe import Run, load_recipe, load_runs
 from .registry import KINDS, load_registry
-from .report import write_report
-from .summary import summary_markdown
-from .train import Trainer, finished_run
+
+if TYPE_CHECKING:
+    from .recipe import Run
 
 
 def _say(*text: object) -> None:
     """Print, on rank 0 only under torchrun."""
+    from . import distributed
+
     if distributed.is_main():
         print(*text, flush=True)
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    """The shipped recipes: name and the first sentence of each one's comment."""
+    shipped = recipes.shipped()
+    width = max(map(len, shipped), default=0)
+    for name, file in shipped.items():
+        print(f"{name:<{width}}  {recipes.description(file.read_text())}")
+    return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -64,7 +81,13 @@ def _source(recipe: str) -> Iterator[None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from . import host_memory, rundir
+    from .recipe import load_recipe
+    from .train import Trainer, finished_run
+
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return _dry_run(args.recipe, [recipe.output or ""], [])
     with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
         finished = finished_run(recipe, resume=args.resume)
         if args.resume and finished:
@@ -77,6 +100,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from . import rundir
+    from .recipe import load_runs
+
+    if args.dry_run:
+        problems: list[ConfigError] = []
+        runs = load_runs(args.recipe, args.overrides, problems=problems)
+        return _dry_run(args.recipe, [run.recipe.output or "" for run in runs], problems)
     runs = load_runs(args.recipe, args.overrides)
     first = runs[0]
     base = Path(first.recipe.output or "")
@@ -86,7 +116,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return _compare(args, runs, base)
 
 
+def _dry_run(recipe: str, outputs: list[str], problems: list[ConfigError]) -> int:
+    """What ``--dry-run`` prints: the runs that passed every check (plugins, options, data,
+    weights, device) and where each would write; one line per problem (status 2)."""
+    from . import rundir
+
+    checks = "plugins, options, data, weights, device"
+    print(f"{recipe}: {len(outputs)} run(s) pass every check ({checks}); nothing was trained")
+    for output in outputs:
+        held = (Path(output) / rundir.CHECKPOINT_LAST).is_file()
+        print(f"  {output}" + ("  (holds a run: finished ones are kept)" if held else ""))
+    for problem in problems:
+        print(f"ewgs: error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
 def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
+    from . import distributed, host_memory
+    from .train import Trainer, finished_run
+
     with _source(args.recipe):  # before training anything
         states = [finished_run(run.recipe, resume=args.resume) for run in runs]
     for run, state in zip(runs, states):
@@ -123,6 +171,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
 
 def _print_report(directory: str | Path) -> None:
     """Write the report of the runs in ``directory`` and print its table and notes."""
+    from .report import write_report
+
     report = write_report(directory)
     print(report.text)
     print(f"\nreport: {report.markdown}\nsummary: {report.summary}")
@@ -134,6 +184,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
     if args.format == "int":
         path = export.export_int(args.run_dir, args.out, args.checkpoint)
         print(f"int export: {path} (manifest {path.with_suffix('.json')})")
@@ -148,6 +200,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
+    from . import export, rundir
+    from .summary import summary_markdown
+
     run = export.load_run(args.run_dir, args.checkpoint)
     text = summary_markdown(run.model, f"{run.run_dir.name}: {run.checkpoint.name}")
     print(text)
@@ -155,30 +210,49 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("ewgs-plugins")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ewgs`` parser (built without importing torch)."""
     parser = argparse.ArgumentParser(
         prog="ewgs",
         description="Quantization-aware training with pluggable backward rules (STE, EWGS).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = commands.add_parser("plugins", help="list every registered plugin contribution")
     plugins.set_defaults(handler=_cmd_plugins)
 
+    shipped = commands.add_parser("recipes", help="list the shipped recipes, by name")
+    shipped.set_defaults(handler=_cmd_recipes)
+
     overrides_help = "recipe overrides: dotted key paths, values in YAML (bits.weights=4)"
+    recipe_help = "a recipe file (YAML), or a shipped recipe by name (`ewgs recipes` lists them)"
+    dry_run_help = (
+        "check the recipe end to end (plugins, options, data, weights, device) and print "
+        "the runs it would make, training nothing"
+    )
     train = commands.add_parser("train", help="train one run of a recipe")
-    train.add_argument("recipe", help="the recipe (YAML)")
+    train.add_argument("recipe", help=recipe_help)
     train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--dry-run", action="store_true", help=dry_run_help)
     train.set_defaults(handler=_cmd_train)
 
     compare = commands.add_parser(
         "compare", help="train every run of the recipe's matrix, then write the report"
     )
-    compare.add_argument("recipe", help="the recipe (YAML) with a matrix")
+    compare.add_argument("recipe", help=recipe_help)
     compare.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     compare.add_argument(
         "--resume", action="store_true", help="continue unfinished runs from their checkpoints"
     )
+    compare.add_argument("--dry-run", action="store_true", help=dry_run_help)
     compare.set_defaults(handler=_cmd_compare)
 
     report = commands.add_parser("report", help="table and plots from finished runs")

@@ -21,11 +21,13 @@ on a CPU) and where ``set_enabled(False)`` says so.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -177,6 +179,8 @@ FORMULAS: dict[str, Callable[..., Any]] = {
 #: (kind, wanted outputs) -> (the formula, its compiled kernel)
 _kernels: dict[tuple[str, tuple[bool, ...] | None], tuple[Callable[..., Any], Any]] = {}
 _failed: set[tuple[str, str]] = set()
+#: (kernel key, device type) that ran compiled at least once
+_compiled: set[tuple[tuple[str, tuple[bool, ...] | None], str]] = set()
 _constants: dict[tuple[str, float, float, torch.dtype, torch.device], Tensor] = {}
 
 
@@ -238,6 +242,30 @@ def _compile(formula: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(formula, dynamic=True, fullgraph=True)
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (logged once, when
+    inductor's C++ builder first looks for a CUDA toolkit). A CPU kernel needs none, so
+    on a machine with a CUDA toolkit but no GPU the note says nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_NOTE = _NoCudaRuntimeNote()
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    """While a kernel compiles: torch's CUDA-toolkit note filtered out (that note alone,
+    that logger alone, only here)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addFilter(_NOTE)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_NOTE)
+
+
 def run(kind: str, *args: Any, wanted: tuple[bool, ...] | None = None) -> Any:
     """Run formula ``kind`` (tensors flattened by the caller) as its compiled kernel;
     eagerly where compiling failed on this device. A backward formula's outputs (the
@@ -248,11 +276,17 @@ def run(kind: str, *args: Any, wanted: tuple[bool, ...] | None = None) -> Any:
     if key not in _kernels:
         formula = FORMULAS[kind] if wanted is None else _selecting(FORMULAS[kind], wanted)
         _kernels[key] = formula, _compile(formula)
+        _compiled.difference_update([done for done in _compiled if done[0] == key])
     formula, kernel = _kernels[key]
     if (kind, device) in _failed:
         return formula(*args)
     try:
-        return kernel(*args)
+        if (key, device) in _compiled:
+            return kernel(*args)
+        with _compiling():  # the first call compiles
+            result = kernel(*args)
+        _compiled.add((key, device))
+        return result
     except Exception as error:  # a compiler missing or failing: the same formula, eager
         _failed.add((kind, device))
         warnings.warn(

@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from .. import recipes
 from ..errors import ConfigError
 from .matrix import Run, expand_runs
 from .schema import Recipe
 from .yaml_text import parse_yaml
 
 
-def load_runs(path: str | Path, overrides: Iterable[str] = ()) -> list[Run]:
-    """Read, check and expand a recipe file into its runs."""
-    path = Path(path)
+def load_runs(
+    path: str | Path, overrides: Iterable[str] = (), problems: list[ConfigError] | None = None
+) -> list[Run]:
+    """Read, check and expand a recipe file (or a shipped recipe by name, ``demo/digits``)
+    into its runs. With ``problems``, a run that fails its checks is left out and its
+    error appended there (each message once) instead of raised."""
     source = str(path)
+    file = recipes.find(path)
     try:
-        text = path.read_text()
+        text = file.read_text()
     except FileNotFoundError:
         raise ConfigError("", "recipe file not found", source) from None
     except UnicodeDecodeError as error:
@@ -33,7 +38,8 @@ def load_runs(path: str | Path, overrides: Iterable[str] = ()) -> list[Run]:
         parse_yaml(text, source),
         source=source,
         overrides=overrides,
-        default_output=str(Path("runs") / path.stem),
+        default_output=str(Path("runs") / Path(file.name).stem),
+        problems=problems,
     )
 
 

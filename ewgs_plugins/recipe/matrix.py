@@ -94,11 +94,18 @@ def _safe_name(text: str) -> str:
 
 
 def expand_runs(
-    data: Any, *, source: str, overrides: Iterable[str] = (), default_output: str = "runs/recipe"
+    data: Any,
+    *,
+    source: str,
+    overrides: Iterable[str] = (),
+    default_output: str = "runs/recipe",
+    problems: list[ConfigError] | None = None,
 ) -> list[Run]:
     """Check raw recipe data (a parsed YAML mapping) with ``overrides`` applied and
     expand its ``matrix``. Errors name ``source``, or the override they came from, and
-    a key set by the matrix by its matrix entry (``matrix.bits[1].weights``)."""
+    a key set by the matrix by its matrix entry (``matrix.bits[1].weights``). With
+    ``problems``, a run that fails its checks is left out and its error appended there
+    (each message once) instead of raised."""
     if not isinstance(data, dict):
         raise ConfigError("", f"a recipe must be a mapping of keys, got {data!r}", source)
     data = copy.deepcopy(data)
@@ -136,18 +143,26 @@ def expand_runs(
                 renames.update({path: f"matrix.{ARMS}.{value[0]}.{path}" for path in value[1]})
             else:
                 renames[key] = f"matrix.{key}[{index}]"
-        with _error_source(source, origins, renames):
-            for key, value, _ in chosen:
-                for path, setting in value[1].items() if key == ARMS else [(key, value)]:
-                    set_path(run_data, path, setting)
-            labels = [
-                value[0] if key == ARMS else _value_label(key, value) for key, value, _ in chosen
-            ]
-            name = _safe_name("-".join(labels)) if axes else ""
-            run_data["output"] = str(Path(base_output) / name) if name else base_output
-            recipe = parse_section(Recipe, run_data, "")
-            assert isinstance(recipe, Recipe)
-            validate(recipe)
+        try:
+            with _error_source(source, origins, renames):
+                for key, value, _ in chosen:
+                    for path, setting in value[1].items() if key == ARMS else [(key, value)]:
+                        set_path(run_data, path, setting)
+                labels = [
+                    value[0] if key == ARMS else _value_label(key, value)
+                    for key, value, _ in chosen
+                ]
+                name = _safe_name("-".join(labels)) if axes else ""
+                run_data["output"] = str(Path(base_output) / name) if name else base_output
+                recipe = parse_section(Recipe, run_data, "")
+                assert isinstance(recipe, Recipe)
+                validate(recipe)
+        except ConfigError as error:
+            if problems is None:
+                raise
+            if str(error) not in {str(known) for known in problems}:
+                problems.append(error)
+            continue
         runs.append(Run(name, recipe))
     names = [run.name for run in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
