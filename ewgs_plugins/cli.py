@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import distributed, export, host_memory, rundir
+from . import distributed, export, host_memory, interrupt, rundir
 from .errors import ConfigError, EwgsError, TrainingError
 from .recipe import Run, load_recipe, load_runs
 from .registry import KINDS, load_registry
@@ -226,14 +227,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    try:
-        return args.handler(args)
+    try:  # as the program (no argv), a signal after the work is done ends it at once
+        with interrupt.handling(then_default=argv is None):
+            return args.handler(args)
     except EwgsError as error:
         print(f"ewgs: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ewgs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # SIGINT or SIGTERM (interrupt.Interrupted)
+        return _interrupted(error, args)
+
+
+def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """One line saying what stopped and how to go on; the exit status of the signal."""
+    name = getattr(error, "name", "SIGINT")
+    line = f"ewgs: interrupted by {name}"
+    if args.command in ("train", "compare"):
+        again = shlex.join(["ewgs", args.command, args.recipe, *args.overrides, "--resume"])
+        line += f"; every finished epoch is kept: `{again}` continues the run"
+    print(line, file=sys.stderr, flush=True)
+    return getattr(error, "status", 130)
 
 
 if __name__ == "__main__":

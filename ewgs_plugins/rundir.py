@@ -64,7 +64,7 @@ from typing import IO, Any
 import torch
 import yaml
 
-from . import distributed
+from . import distributed, interrupt
 from .errors import RunDirError, load_failure
 from .recipe.yaml_text import dump_yaml
 
@@ -422,10 +422,11 @@ def _release(folder: Path) -> None:
     held[1] -= 1
     if held[1]:
         return
-    del _held[folder]
-    if held[0] >= 0:
-        (folder / LOCK).unlink(missing_ok=True)
-        os.close(held[0])
+    with interrupt.deferred():  # a signal now would leave the lock file behind
+        del _held[folder]
+        if held[0] >= 0:
+            (folder / LOCK).unlink(missing_ok=True)
+            os.close(held[0])
 
 
 def prepare(folder: Path) -> Path:
@@ -451,11 +452,15 @@ def lock(folder: Path) -> Iterator[None]:
         yield
         return
     folder = prepare(folder).resolve()
-    if folder in _held:
-        _held[folder][1] += 1
-    else:
-        _acquire(folder)
+    taken = False
     try:
+        with interrupt.deferred():  # taken and noted as held, or not taken
+            if folder in _held:
+                _held[folder][1] += 1
+            else:
+                _acquire(folder)
+            taken = True
         yield
     finally:
-        _release(folder)
+        if taken:
+            _release(folder)

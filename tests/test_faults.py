@@ -11,13 +11,15 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_core_readme import readme_plugin_source
-from toys import make_distribution, run_cli_stopping_at_write
+from toys import make_distribution, run_cli_as_program, run_cli_stopping_at_write
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
@@ -464,3 +466,94 @@ def test_a_weights_file_of_pickled_objects_is_one_line_suggesting_nothing_unsafe
     assert "model.weights: " in line and f"{path}: cannot be read" in line
     assert "never loaded" in line
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+
+
+# ------------------------------------------------------------------------ signals
+
+
+def assert_stopped_by(signum: int, status: int, err: str, output: Path) -> None:
+    """A run stopped by ``signum``: its exit status, one line saying how to go on, and
+    nothing left behind (no lock file, no temporary file)."""
+    assert status == 128 + signum, (status, err)
+    lines = err.strip().splitlines()
+    name = signal.Signals(signum).name
+    assert lines[-1].startswith(f"ewgs: interrupted by {name}; "), err
+    assert "--resume` continues the run" in lines[-1] and "Traceback" not in err, err
+    assert not list(output.rglob(rundir.LOCK)) and not list(output.rglob("*.tmp"))
+
+
+def test_sigint_and_sigterm_at_any_write_point_stop_cleanly_and_resume(
+    reference, processes, tmp_path
+):
+    """SIGINT or SIGTERM arriving at a write point (a temporary file written, not yet in
+    place: the process is stopped there, signalled, then continued): exit 130 / 143, one
+    line, the lock let go, and --resume ends where the uninterrupted run ended. Before
+    the fix SIGTERM killed the process outright, leaving .ewgs.lock."""
+    reference_run, points = reference
+    for point in range(1, points + 1, 2):
+        signum = (signal.SIGINT, signal.SIGTERM)[point // 2 % 2]
+        output, log = tmp_path / f"signalled-at-{point}", str(tmp_path / f"log-{point}")
+        command = ["train", str(DEMO), *SMALL, f"output={output}"]
+        process = processes.Process(target=run_cli_as_program, args=(point, command, log))
+        process.start()
+        while process.is_alive() and process_state(process.pid) != "T":
+            time.sleep(0.02)
+        os.kill(process.pid, signum)
+        os.kill(process.pid, signal.SIGCONT)
+        process.join()
+        assert_stopped_by(signum, process.exitcode, Path(log + ".err").read_text(), output)
+        assert train(output, "--resume") == 0, point
+        same_run(output, reference_run)
+
+
+def start_program(output: Path, *extra: str) -> subprocess.Popen:
+    """``python -m ewgs_plugins.cli train`` (the program itself, a fresh interpreter)."""
+    command = [sys.executable, "-m", "ewgs_plugins.cli", "train", str(DEMO), *SMALL]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*command, f"output={output}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+
+
+def signal_after_line(process: subprocess.Popen, line: int, delay: float, signum: int) -> str:
+    """Send ``signum`` ``delay`` seconds after the ``line``-th line of stdout; returns
+    stderr once the process has ended."""
+    assert process.stdout is not None
+    for _ in range(line):
+        assert process.stdout.readline(), "the process ended first"
+    time.sleep(delay)
+    os.kill(process.pid, signum)
+    _, err = process.communicate(timeout=120)
+    return err
+
+
+def test_sigterm_while_training_is_one_line_and_exit_143(tmp_path):
+    """What ``timeout`` or a scheduler does, 0.3 s after an epoch line."""
+    output = tmp_path / "run"
+    process = start_program(output, "epochs=8")
+    err = signal_after_line(process, 1, 0.3, signal.SIGTERM)
+    assert_stopped_by(signal.SIGTERM, process.returncode, err, output)
+    assert f"output={output}" in err and "epochs=8" in err
+    assert train(output, "epochs=8", "--resume") == 0
+    assert len(rundir.read_metrics(output)) == 8
+
+
+def test_a_signal_after_the_work_is_done_ends_the_program_at_once(tmp_path):
+    """The interpreter's shutdown takes seconds after the last line (torch): a SIGINT
+    then was never answered and the program exited 0 (the lost signal). Now the
+    system's default answers it: the process ends by the signal."""
+    output = tmp_path / "run"
+    process = start_program(output, "epochs=1")
+    assert process.stdout is not None
+    while not process.stdout.readline().startswith("run directory: "):
+        pass
+    ended = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    os.kill(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if ended is None:  # still running when signalled (its shutdown takes a while)
+        assert process.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err
+    assert not list(output.rglob(rundir.LOCK)) and not list(output.rglob("*.tmp"))
