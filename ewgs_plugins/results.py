@@ -4,6 +4,7 @@ recipe, the metrics rows and the δ history, for the report and its plots."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,18 @@ class RunResult:
         return int(self.recipe["epochs"])
 
     @property
+    def diverged(self) -> bool:
+        """A non-finite number (NaN, ±inf) in its metrics: the run is not a result."""
+        return any(
+            isinstance(value, float) and not math.isfinite(value)
+            for row in self.metrics
+            for value in row.values()
+        )
+
+    @property
     def finished(self) -> bool:
-        return len(self.metrics) >= self.epochs
+        """Every epoch done, and not diverged."""
+        return len(self.metrics) >= self.epochs and not self.diverged
 
     @property
     def final_top1(self) -> float:

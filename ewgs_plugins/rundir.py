@@ -49,6 +49,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -62,11 +63,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import yaml
 
 from . import distributed, interrupt
-from .errors import RunDirError, load_failure
-from .recipe.yaml_text import dump_yaml
+from .errors import ConfigError, RunDirError, load_failure
+from .recipe.yaml_text import dump_yaml, parse_yaml
 
 RECIPE = "recipe.yaml"
 METRICS_JSONL = "metrics.jsonl"
@@ -195,6 +195,34 @@ def remove_temporary_files(folder: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) in it replaced by None: what
+    strict JSON (jq, ``JSON.parse``) can read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def strict_json(value: Any, **options: Any) -> str:
+    """``value`` as strict JSON (``finite``; anything else not JSON as its ``str``)."""
+    return json.dumps(finite(value), allow_nan=False, default=str, **options)
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """``remove_temporary_files`` of ``folder`` unless a live process holds its lock
+    (the temporary files are then its own, being written); a folder that cannot be
+    locked (read-only) is left as it is."""
+    try:
+        with lock(folder):  # taking the lock removes them
+            pass
+    except RunDirError:
+        pass
+
+
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -311,7 +339,16 @@ def read_deltas(run_dir: Path) -> list[dict[str, Any]]:
 def read_environment(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``environment.json``, or None if it has none."""
     path = run_dir / ENVIRONMENT
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        environment = json.loads(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunDirError(f"{path}: damaged, not JSON ({reason}); move it away") from None
+    if not isinstance(environment, dict):
+        raise RunDirError(f"{path}: damaged, not a JSON object; move it away")
+    return environment
 
 
 def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:
@@ -325,8 +362,8 @@ def read_recipe(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        recipe = yaml.safe_load(path.read_bytes().decode())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        recipe = parse_yaml(path.read_bytes().decode(), "")
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
         reason = str(error).splitlines()[0]
         raise RunDirError(f"{path}: cannot be read as a recipe: {reason}") from None
     if not isinstance(recipe, dict):
