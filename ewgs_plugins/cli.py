@@ -135,6 +135,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.check < 0:  # before anything is written
+        raise ConfigError("--check", f"a number of test images, 0 or more; got {args.check}")
+    default = rundir.INT_EXPORT if args.format == "int" else rundir.ONNX_EXPORT
+    out = Path(args.out) if args.out else Path(args.run_dir) / default
+    targets = [out, out.with_suffix(".json")] if args.format == "int" else [out]
+    rundir.check_export_targets(
+        Path(args.run_dir), targets, force=args.force, allow_unfinished=args.allow_unfinished
+    )
     if args.format == "int":
         path = export.export_int(args.run_dir, args.out, args.checkpoint)
         print(f"int export: {path} (manifest {path.with_suffix('.json')})")
@@ -205,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         metavar="N",
         help="onnx: compare onnxruntime with PyTorch on the first N test images (0: no check)",
+    )
+    export.add_argument(
+        "--force", action="store_true", help="replace an existing output (never a run's own file)"
+    )
+    export.add_argument(
+        "--allow-unfinished", action="store_true", help="export a run that has not finished"
     )
     export.set_defaults(handler=_cmd_export)
 

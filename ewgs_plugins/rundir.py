@@ -297,6 +297,45 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> N
         copy_atomic(last, run_dir / CHECKPOINT_BEST)
 
 
+# ------------------------------------------------------------------------- exports
+
+#: the files ``ewgs export`` writes into a run directory by default (the int export's
+#: manifest is its ``.json`` beside it): the only names of a run an export may replace
+EXPORTS = (INT_EXPORT, str(Path(INT_EXPORT).with_suffix(".json")), ONNX_EXPORT)
+#: what a run directory holds that is the run's own
+OWNED = (
+    RECIPE, METRICS_JSONL, METRICS_CSV, DELTAS, MECHANISM, CHECKPOINT_LAST, CHECKPOINT_BEST,
+    REPORT, SUMMARY, LAYER_SUMMARY, ENVIRONMENT, TENSORBOARD, LOCK,
+)  # fmt: skip
+
+
+def check_export_targets(
+    run_dir: Path, targets: Sequence[Path], *, force: bool, allow_unfinished: bool
+) -> None:
+    """A ``RunDirError`` unless ``ewgs export`` may write ``targets`` from ``run_dir``:
+    an unfinished run only with ``allow_unfinished``; never over a file the run owns
+    (anything in its directory but the export files, even with ``force``); over an
+    existing file (or a link) only with ``force``."""
+    recipe, rows = read_recipe(run_dir), read_metrics(run_dir)
+    epochs = recipe.get("epochs") if recipe else None
+    if isinstance(epochs, int) and len(rows) < epochs and not allow_unfinished:
+        raise RunDirError(
+            f"{run_dir}: unfinished ({len(rows)} of {epochs} epochs); `ewgs train RECIPE "
+            "--resume` finishes it, or pass --allow-unfinished to export it as it is"
+        )
+    home = run_dir.resolve()
+    for target in targets:
+        where = target.resolve()
+        inside = where.parent == home or home in where.parents
+        if inside and where.name not in EXPORTS and (where.name in OWNED or target.exists()):
+            raise RunDirError(
+                f"{target}: a file of the run {run_dir}; an export never replaces it "
+                "(choose another --out)"
+            )
+        if (target.exists() or target.is_symlink()) and not force:
+            raise RunDirError(f"{target}: exists; pass --force to replace it")
+
+
 # ------------------------------------------------------------------------- reading
 
 

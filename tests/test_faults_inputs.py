@@ -233,3 +233,62 @@ def test_report_removes_what_a_killed_writer_left_unless_it_is_alive(
     assert cli.main(["report", str(run)]) == 0
     assert not leftover.exists() and mine.read_text() == "keep"
     assert not (run / rundir.LOCK).exists()
+
+
+# ------------------------------------------------------------------------ export
+
+
+def test_export_never_overwrites_without_force_nor_a_run_file_ever(finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    owned = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    # twice, or from the best checkpoint: the second is refused, the first kept
+    assert cli.main(["export", str(run)]) == 0
+    first = (run / rundir.INT_EXPORT).read_bytes()
+    for again in ([], ["--checkpoint", "best"]):
+        assert cli.main(["export", str(run), *again]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{run / rundir.INT_EXPORT}: exists; pass --force to replace it" in line
+    assert (run / rundir.INT_EXPORT).read_bytes() == first
+    assert cli.main(["export", str(run), "--checkpoint", "best", "--force"]) == 0
+    # --out an unrelated file: neither it nor the manifest's name beside it is replaced
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    assert cli.main(["export", str(run), "--out", str(precious)]) == 2
+    assert "precious.txt: exists; pass --force" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "precious.txt").unlink()
+    (tmp_path / "precious.json").write_text("mine too")
+    assert cli.main(["export", str(run), "--out", str(precious)]) == 2
+    assert "precious.json: exists; pass --force" in one_error_line(capsys.readouterr().err)
+    assert not precious.exists() and (tmp_path / "precious.json").read_text() == "mine too"
+    # a file the run owns: never, even with --force (and before the .onnx is written)
+    capsys.readouterr()
+    for name in (rundir.CHECKPOINT_LAST, rundir.RECIPE, rundir.METRICS_JSONL):
+        command = ["export", str(run), "--format", "onnx", "--check", "0", "--force"]
+        assert cli.main([*command, "--out", str(run / name)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{run / name}: a file of the run" in line and "never replaces it" in line
+    assert cli.main(["export", str(run), "--out", str(run / "checkpoint_last.safetensors")]) == 0
+    assert cli.main(["export", str(run), "--out", str(run / "x" / ".." / rundir.RECIPE)]) == 2
+    capsys.readouterr()
+    for name, data in owned.items():
+        if (run / name).is_file():
+            assert (run / name).read_bytes() == data, name
+    # a bad --check: refused before anything is written
+    onnx = tmp_path / "m.onnx"
+    assert (
+        cli.main(["export", str(run), "--format", "onnx", "--check", "-5", "--out", str(onnx)]) == 2
+    )
+    assert "--check: a number of test images, 0 or more" in one_error_line(capsys.readouterr().err)
+    assert not onnx.exists()
+
+
+def test_export_of_an_unfinished_run_needs_allow_unfinished(finished_run, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path)
+    rows = (run / rundir.METRICS_JSONL).read_text().splitlines()
+    (run / rundir.METRICS_JSONL).write_text(rows[0] + "\n")
+    assert cli.main(["export", str(run)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{run}: unfinished (1 of 2 epochs)" in line and "--allow-unfinished" in line
+    assert not (run / rundir.INT_EXPORT).exists()
+    assert cli.main(["export", str(run), "--allow-unfinished"]) == 0
+    assert (run / rundir.INT_EXPORT).is_file()
