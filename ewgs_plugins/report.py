@@ -236,6 +236,16 @@ def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
     }
 
 
+def _threads_changed(runs: Sequence[RunResult], root: Path) -> list[str]:
+    """The runs resumed on the CPU with another thread count than they started with."""
+    changed = []
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        environment = rundir.read_environment(run.path)
+        if environment is not None and provenance.threads_changed(environment):
+            changed.append(run.name(root))
+    return changed
+
+
 # ------------------------------------------------------------------------ report
 
 
@@ -310,6 +320,8 @@ def write_report(directory: str | Path) -> Report:
     ]
     report = Report(directory / rundir.REPORT, directory / rundir.SUMMARY, text)
     rundir.write_atomic(report.markdown, "\n".join(markdown))
-    numbers = rundir.strict_json(summary(analysis, directory), indent=2)
+    numbers = summary(analysis, directory)
+    numbers["threads_changed"] = _threads_changed(runs, directory)
+    numbers = rundir.strict_json(numbers, indent=2)
     rundir.write_atomic(report.summary, numbers + "\n")
     return report

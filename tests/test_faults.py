@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_core_readme import readme_plugin_source
-from toys import make_distribution, run_cli_as_program, run_cli_stopping_at_write
+from toys import StopAfter, make_distribution, run_cli_as_program, run_cli_stopping_at_write
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
@@ -557,3 +557,35 @@ def test_a_signal_after_the_work_is_done_ends_the_program_at_once(tmp_path):
     if ended is None:  # still running when signalled (its shutdown takes a while)
         assert process.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err
     assert not list(output.rglob(rundir.LOCK)) and not list(output.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------- thread count
+
+
+def test_a_resume_under_another_thread_count_says_so_and_is_recorded(tmp_path, capsys):
+    """On the CPU a run's numbers depend on the thread count: a resume under another
+    one says so in one line, environment.json holds every start's count, and the
+    report's summary.json lists the run."""
+    output = tmp_path / "runs" / "run"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        recipe = load_recipe(DEMO, [*SMALL, f"output={output}"])
+        Trainer(recipe, callbacks={"stop": StopAfter(0)}, progress=False).run()
+        torch.set_num_threads(2)
+        assert train(output, "--resume") == 0
+    finally:
+        torch.set_num_threads(before)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "threads" in line]
+    assert len(warnings) == 1, warnings
+    assert (
+        "resumed with 2 CPU threads, started with 1: results may differ from this point"
+        in (warnings[0])
+    )
+    assert "OMP_NUM_THREADS=1 continues it as it started" in warnings[0]
+    environment = rundir.read_environment(output)
+    assert environment["threads"]["torch"] == 1
+    assert environment["resumes"][0]["threads"]["torch"] == 2
+    assert cli.main(["report", str(output.parent)]) == 0
+    summary = json.loads((output.parent / rundir.SUMMARY).read_text())
+    assert summary["threads_changed"] == ["run"]
