@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,9 @@ def _source(recipe: str) -> Iterator[None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    home = rundir.run_of_recipe(Path(args.recipe))  # a run's own recipe.yaml: train there
+    overrides = [f"output={json.dumps(str(home))}"] * (home is not None) + args.overrides
+    recipe = load_recipe(args.recipe, overrides)
     with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
         finished = finished_run(recipe, resume=args.resume)
         if args.resume and finished:

@@ -394,6 +394,22 @@ def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / MECHANISM)
 
 
+def run_of_recipe(path: Path) -> Path | None:
+    """The run directory whose resolved recipe ``path`` is (it is the ``recipe.yaml``
+    of a folder holding a run's checkpoint or metrics), or None: a run moved elsewhere
+    is resumed where it lies, not at the ``output`` its recipe once named."""
+    if path.name != RECIPE:
+        return None
+    folder = path.parent
+    if not ((folder / CHECKPOINT_LAST).is_file() or (folder / METRICS_JSONL).is_file()):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return folder if handle.read(len(RECIPE_HEADER)) == RECIPE_HEADER.encode() else None
+    except OSError:
+        return None
+
+
 def read_recipe(run_dir: Path) -> dict[str, Any] | None:
     """The resolved recipe of ``run_dir`` as plain data, or None if it has none; a file
     that is not a YAML mapping is a ``RunDirError`` naming it."""
@@ -508,6 +524,16 @@ def _release(folder: Path) -> None:
 def prepare(folder: Path) -> Path:
     """Create ``folder`` (and its parents) for a run or a compare output; a path that
     cannot be a writable folder is a ``RunDirError`` saying why."""
+    where = folder.resolve()
+    if where == Path(where.anchor) or where == Path.home().resolve():
+        raise RunDirError(
+            f"{folder}: output would write run files into {where} itself; choose a folder "
+            "of its own (output=runs/NAME)"
+        )
+    if folder.is_symlink() and not folder.exists():
+        raise RunDirError(
+            f"{folder}: output is a link to {os.readlink(folder)}, which does not exist"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -359,9 +359,9 @@ def test_non_finite_weights_after_an_epoch_are_never_saved(reference, tmp_path):
         Trainer(recipe, callbacks={"poison": PoisonLastStep()}, progress=False).run()
     message = str(error.value)
     assert (
-        "holds non-finite values at epoch 1" in message and "nothing of this epoch saved" in message
+        "holds non-finite values at epoch 2" in message and "nothing of this epoch saved" in message
     )
-    assert "the last good checkpoint" in message and "after epoch 0" in message
+    assert "the last good checkpoint" in message and "after epoch 1" in message
     saved = rundir.read_checkpoint(output / rundir.CHECKPOINT_LAST)
     assert saved["epoch"] == 0 and len(rundir.read_metrics(output)) == 1
     for tensor in saved["model"].values():
@@ -589,3 +589,36 @@ def test_a_resume_under_another_thread_count_says_so_and_is_recorded(tmp_path, c
     assert cli.main(["report", str(output.parent)]) == 0
     summary = json.loads((output.parent / rundir.SUMMARY).read_text())
     assert summary["threads_changed"] == ["run"]
+
+
+# ------------------------------------------------------------------ smaller ones
+
+
+def test_a_moved_run_resumes_where_it_lies(reference, processes, tmp_path, capsys):
+    """``ewgs train moved/run/recipe.yaml --resume``: the run's own recipe names the
+    directory it was trained in; the run is resumed in place, not started there anew."""
+    reference_run, points = reference
+    old = tmp_path / "old"
+    kill(start_stopped(processes, ["train", str(DEMO), *SMALL, f"output={old}"], points - 2))
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(old, moved)
+    assert cli.main(["train", str(moved / rundir.RECIPE), "--resume"]) == 0
+    assert not old.exists()
+    same_run(moved, reference_run)
+    assert str(moved) in capsys.readouterr().out
+
+
+def test_dangerous_or_dangling_outputs_are_one_line(tmp_path, capsys, monkeypatch):
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for output, expected in (
+        (dangling, f"output is a link to {tmp_path / 'gone'}, which does not exist"),
+        (Path("/"), "output would write run files into / itself"),
+        (tmp_path / "home", "output would write run files into"),
+    ):
+        assert train(output) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "home" / rundir.LOCK).exists() and not Path("/", rundir.LOCK).exists()
