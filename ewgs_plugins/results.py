@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .recipe import flatten
 
 #: keys that make the table's rows and columns (or are expected to differ)
@@ -117,7 +117,23 @@ def read_run(path: Path) -> RunResult | None:
     recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
     if recipe is None or not metrics:
         return None
-    return RunResult(path, recipe, metrics, rundir.read_deltas(path))
+    run = RunResult(path, recipe, metrics, rundir.read_deltas(path))
+    try:  # what the report reads of every run
+        _ = (
+            run.method,
+            run.backward,
+            run.bits,
+            run.seed,
+            run.epochs,
+            run.final_top1,
+            run.best_top1,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise RunDirError(
+            f"{path}: {rundir.RECIPE} or {rundir.METRICS_JSONL} is damaged "
+            f"({type(error).__name__}: {str(error)[:100]}); they are not a run's"
+        ) from None
+    return run
 
 
 def find_runs(directory: str | Path) -> list[RunResult]:

@@ -356,6 +356,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             row, reason = None, error.msg
+        except RecursionError:
+            row, reason = None, "nested too deeply"
         else:
             reason = "not a JSON object"
         if not isinstance(row, dict):

@@ -181,6 +181,22 @@ def test_garbage_environment_json_is_one_line_naming_it(finished_run, tmp_path, 
         assert f"{run / rundir.ENVIRONMENT}: damaged" in line
 
 
+def test_damaged_metrics_or_a_foreign_recipe_is_one_line_naming_the_file(
+    finished_run, tmp_path, capsys
+):
+    run = copy_of(finished_run, tmp_path)
+    metrics = (run / rundir.METRICS_JSONL).read_text()
+    (run / rundir.METRICS_JSONL).write_text("[" * 100_000 + "\n")
+    assert cli.main(["report", str(run)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{run / rundir.METRICS_JSONL}, line 1: nested too deeply" in line
+    (run / rundir.METRICS_JSONL).write_text(metrics)
+    (run / rundir.RECIPE).write_text(rundir.RECIPE_HEADER + "a: 1\n")
+    assert cli.main(["report", str(run)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{run}: recipe.yaml or metrics.jsonl is damaged (KeyError" in line
+
+
 def test_summary_json_is_strict_and_a_nan_run_is_diverged(finished_run, tmp_path):
     """NaN in a run's metrics: summary.json was not JSON (a bare NaN) and the run
     counted as finished with top-1 nan. Now: null, and the run is left out as diverged."""
