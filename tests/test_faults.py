@@ -506,6 +506,23 @@ def test_sigint_and_sigterm_at_any_write_point_stop_cleanly_and_resume(
         same_run(output, reference_run)
 
 
+def test_sigterm_stops_a_compare_and_compare_resume_finishes_it(processes, tmp_path):
+    output, log = tmp_path / "out", str(tmp_path / "log")
+    command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
+    process = processes.Process(target=run_cli_as_program, args=(4, command, log))
+    process.start()
+    while process.is_alive() and process_state(process.pid) != "T":
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGCONT)
+    process.join()
+    err = Path(log + ".err").read_text()
+    assert_stopped_by(signal.SIGTERM, process.exitcode, err, output)
+    assert "`ewgs compare " in err
+    assert cli.main([*command, "--resume"]) == 0
+    assert (output / rundir.SUMMARY).is_file() and not list(output.rglob(rundir.LOCK))
+
+
 def start_program(output: Path, *extra: str) -> subprocess.Popen:
     """``python -m ewgs_plugins.cli train`` (the program itself, a fresh interpreter)."""
     command = [sys.executable, "-m", "ewgs_plugins.cli", "train", str(DEMO), *SMALL]
