@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import recipes
+from . import interrupt, recipes
 from .errors import ConfigError, EwgsError, TrainingError
 from .registry import KINDS, load_registry
 
@@ -85,7 +87,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
     from .train import Trainer, finished_run
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    home = rundir.run_of_recipe(Path(args.recipe))  # a run's own recipe.yaml: train there
+    overrides = [f"output={json.dumps(str(home))}"] * (home is not None) + args.overrides
+    recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
         return _dry_run(args.recipe, [recipe.output or ""], [])
     with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
@@ -184,8 +188,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export
+    from . import export, rundir
 
+    if args.check < 0:  # before anything is written
+        raise ConfigError("--check", f"a number of test images, 0 or more; got {args.check}")
+    default = rundir.INT_EXPORT if args.format == "int" else rundir.ONNX_EXPORT
+    out = Path(args.out) if args.out else Path(args.run_dir) / default
+    targets = [out, out.with_suffix(".json")] if args.format == "int" else [out]
+    rundir.check_export_targets(
+        Path(args.run_dir), targets, force=args.force, allow_unfinished=args.allow_unfinished
+    )
     if args.format == "int":
         path = export.export_int(args.run_dir, args.out, args.checkpoint)
         print(f"int export: {path} (manifest {path.with_suffix('.json')})")
@@ -279,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="onnx: compare onnxruntime with PyTorch on the first N test images (0: no check)",
     )
+    export.add_argument(
+        "--force", action="store_true", help="replace an existing output (never a run's own file)"
+    )
+    export.add_argument(
+        "--allow-unfinished", action="store_true", help="export a run that has not finished"
+    )
     export.set_defaults(handler=_cmd_export)
 
     summary = commands.add_parser(
@@ -300,14 +318,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    try:
-        return args.handler(args)
+    try:  # as the program (no argv), a signal after the work is done ends it at once
+        with interrupt.handling(then_default=argv is None):
+            return args.handler(args)
     except EwgsError as error:
         print(f"ewgs: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ewgs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # SIGINT or SIGTERM (interrupt.Interrupted)
+        return _interrupted(error, args)
+
+
+def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """One line saying what stopped and how to go on; the exit status of the signal."""
+    name = getattr(error, "name", "SIGINT")
+    line = f"ewgs: interrupted by {name}"
+    if args.command in ("train", "compare"):
+        again = shlex.join(["ewgs", args.command, args.recipe, *args.overrides, "--resume"])
+        line += f"; every finished epoch is kept: `{again}` continues the run"
+    print(line, file=sys.stderr, flush=True)
+    return getattr(error, "status", 130)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import pickle
+import reprlib
+from typing import Any
+
+#: the longest message an error carries (a longer one is cut, saying so)
+MAX_MESSAGE = 1000
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 3, 6, 6, 6, 6
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut short (long strings, deep or long containers: ``...``), for
+    an error to show a user's value: a recipe's value may be huge."""
+    return _SHORT.repr(value)
 
 
 class EwgsError(Exception):
@@ -13,6 +27,8 @@ class ConfigError(EwgsError, ValueError):
     """A recipe or plugin option is wrong; ``key_path`` says which one (``method.options.bits``)."""
 
     def __init__(self, key_path: str, message: str, source: str | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + f"... ({len(message) - MAX_MESSAGE} more characters)"
         self.key_path = key_path
         self.message = message
         self.source = source

@@ -10,7 +10,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, quote
 
 
 def describe_type(annotation: Any) -> str:
@@ -40,7 +40,7 @@ def check_type(value: Any, annotation: Any, key_path: str) -> Any:
     if converted is _MISMATCH:
         raise ConfigError(
             key_path,
-            f"expected {describe_type(annotation)}, got {value!r} ({type(value).__name__})",
+            f"expected {describe_type(annotation)}, got {quote(value)} ({type(value).__name__})",
         )
     return converted
 
@@ -117,7 +117,7 @@ def call_with_options(
     if options is None:
         options = {}
     if not isinstance(options, Mapping):
-        raise ConfigError(key_path, f"options of {what} must be a mapping, got {options!r}")
+        raise ConfigError(key_path, f"options of {what} must be a mapping, got {quote(options)}")
     accepted = factory_options(factory)
     takes_any = any(
         p.kind is inspect.Parameter.VAR_KEYWORD

@@ -7,12 +7,16 @@ and git commit (when it runs from a checkout; ``dirty`` when the checkout has ch
 not committed), the Python, torch, CUDA and cuDNN versions, the platform, the training
 device and the names of the visible GPUs, the process count under torchrun, and every
 registered plugin contribution with its plugin, distribution and that distribution's
-version.
+version, and the CPU thread count (torch's, and ``OMP_NUM_THREADS`` when set): on the CPU
+a sum split over another number of threads is added in another order, so a run's
+numbers depend on it. A resume under another thread count than the run started with
+says so in a warning and in ``threads_changed``.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -108,16 +112,48 @@ def collect(device: torch.device | str) -> dict[str, Any]:
         if cuda
         else [],
         "processes": distributed.world_size(),
+        "threads": threads(),
         "plugins": plugins(),
     }
 
 
+def threads() -> dict[str, Any]:
+    """The CPU thread count of this process: torch's, and ``OMP_NUM_THREADS`` (None
+    when not set)."""
+    return {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _cpu_threads(start: dict[str, Any]) -> int | None:
+    """The torch thread count of one start trained on the CPU (None otherwise)."""
+    if not str(start.get("device", "")).startswith("cpu"):
+        return None
+    count = (start.get("threads") or {}).get("torch")
+    return count if isinstance(count, int) else None
+
+
+def threads_changed(environment: dict[str, Any]) -> bool:
+    """Whether a resume of a run trained on the CPU ran with another thread count than
+    its first start (its numbers may then differ from an uninterrupted run's)."""
+    counts = {_cpu_threads(s) for s in (environment, *environment.get("resumes", []))}
+    return len(counts - {None}) > 1
+
+
 def record(run_dir: Path, device: torch.device | str, *, resumed: bool) -> None:
     """Write ``environment.json`` for a run starting now: the environment of its first
-    start, with every later start (``--resume``) appended under ``resumes``."""
+    start, with every later start (``--resume``) appended under ``resumes``. A resume
+    on the CPU with another thread count than the first start prints a warning."""
     environment = collect(device)
     previous = rundir.read_environment(run_dir) if resumed else None
     if previous is not None:
+        first, now = _cpu_threads(previous), _cpu_threads(environment)
+        if first is not None and now is not None and first != now:
+            print(
+                f"ewgs: warning: {run_dir}: resumed with {now} CPU threads, started with "
+                f"{first}: results may differ from this point on (a sum over another "
+                f"number of threads adds in another order); OMP_NUM_THREADS={first} "
+                "continues it as it started",
+                file=sys.stderr,
+            )
         environment = {**previous, "resumes": [*previous.get("resumes", []), environment]}
     rundir.write_environment(run_dir, environment)
 

@@ -11,7 +11,6 @@ README's "Reading a comparison" says how to read the result.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -119,7 +118,11 @@ def _notes(analysis: Analysis, root: Path) -> list[str]:
     if analysis.left_out:
         lines += ["", f"Left out ({len(analysis.left_out)} unfinished run(s), in no column):"]
         for run in analysis.left_out:
-            lines.append(f"- {run.name(root)}: {len(run.metrics)} of {run.epochs} epochs")
+            done = f"{len(run.metrics)} of {run.epochs} epochs"
+            lines.append(
+                f"- {run.name(root)}: "
+                + ("diverged (non-finite metrics)" if run.diverged else done)
+            )
     return lines
 
 
@@ -129,7 +132,8 @@ def _runs_table(runs: Sequence[RunResult], root: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted(runs, key=lambda r: str(r.path)):
-        done = f"{len(run.metrics)}/{run.epochs}" + ("" if run.finished else " (unfinished)")
+        state = " (diverged)" if run.diverged else "" if run.finished else " (unfinished)"
+        done = f"{len(run.metrics)}/{run.epochs}{state}"
         seconds = sum(float(row.get("time_s", 0.0)) for row in run.metrics)
         lines.append(
             f"| {run.name(root)} | {run.method} | {run.backward} | {run.bits} | {run.seed} | "
@@ -229,10 +233,25 @@ def summary(analysis: Analysis, root: Path) -> dict[str, Any]:
             for run, rows in analysis.shared_baseline()
         ],
         "left_out": [
-            {"run": run.name(root), "epochs_done": len(run.metrics), "epochs": run.epochs}
+            {
+                "run": run.name(root),
+                "epochs_done": len(run.metrics),
+                "epochs": run.epochs,
+                **({"diverged": True} if run.diverged else {}),
+            }
             for run in analysis.left_out
         ],
     }
+
+
+def _threads_changed(runs: Sequence[RunResult], root: Path) -> list[str]:
+    """The runs resumed on the CPU with another thread count than they started with."""
+    changed = []
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        environment = rundir.read_environment(run.path)
+        if environment is not None and provenance.threads_changed(environment):
+            changed.append(run.name(root))
+    return changed
 
 
 # ------------------------------------------------------------------------ report
@@ -278,6 +297,8 @@ def write_report(directory: str | Path) -> Report:
     runs in it (or below it)."""
     directory = Path(directory)
     runs = find_runs(directory)
+    for folder in {directory, *(run.path for run in runs)}:  # what killed writers left
+        rundir.remove_stale_temporary_files(folder)
     mixed = provenance.mixed_versions_warning(run.path for run in runs)
     if mixed:
         print(f"ewgs: warning: {mixed}", file=sys.stderr)
@@ -309,6 +330,8 @@ def write_report(directory: str | Path) -> Report:
     ]
     report = Report(directory / rundir.REPORT, directory / rundir.SUMMARY, text)
     rundir.write_atomic(report.markdown, "\n".join(markdown))
-    numbers = json.dumps(summary(analysis, directory), indent=2, default=str)
+    numbers = summary(analysis, directory)
+    numbers["threads_changed"] = _threads_changed(runs, directory)
+    numbers = rundir.strict_json(numbers, indent=2)
     rundir.write_atomic(report.summary, numbers + "\n")
     return report

@@ -4,6 +4,7 @@ recipe, the metrics rows and the δ history, for the report and its plots."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from . import rundir
 from .data import evaluated_split
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .recipe import flatten
 
 #: keys that make the table's rows and columns (or are expected to differ)
@@ -61,8 +62,18 @@ class RunResult:
         return int(self.recipe["epochs"])
 
     @property
+    def diverged(self) -> bool:
+        """A non-finite number (NaN, ±inf) in its metrics: the run is not a result."""
+        return any(
+            isinstance(value, float) and not math.isfinite(value)
+            for row in self.metrics
+            for value in row.values()
+        )
+
+    @property
     def finished(self) -> bool:
-        return len(self.metrics) >= self.epochs
+        """Every epoch done, and not diverged."""
+        return len(self.metrics) >= self.epochs and not self.diverged
 
     @property
     def final_top1(self) -> float:
@@ -113,7 +124,23 @@ def read_run(path: Path) -> RunResult | None:
     recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
     if recipe is None or not metrics:
         return None
-    return RunResult(path, recipe, metrics, rundir.read_deltas(path))
+    run = RunResult(path, recipe, metrics, rundir.read_deltas(path))
+    try:  # what the report reads of every run
+        _ = (
+            run.method,
+            run.backward,
+            run.bits,
+            run.seed,
+            run.epochs,
+            run.final_top1,
+            run.best_top1,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise RunDirError(
+            f"{path}: {rundir.RECIPE} or {rundir.METRICS_JSONL} is damaged "
+            f"({type(error).__name__}: {str(error)[:100]}); they are not a run's"
+        ) from None
+    return run
 
 
 def find_runs(directory: str | Path) -> list[RunResult]:

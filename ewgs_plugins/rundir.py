@@ -49,6 +49,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -62,11 +63,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import yaml
 
-from . import distributed
-from .errors import RunDirError, load_failure
-from .recipe.yaml_text import dump_yaml
+from . import distributed, interrupt
+from .errors import ConfigError, RunDirError, load_failure
+from .recipe.yaml_text import dump_yaml, parse_yaml
 
 RECIPE = "recipe.yaml"
 METRICS_JSONL = "metrics.jsonl"
@@ -195,6 +195,34 @@ def remove_temporary_files(folder: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) in it replaced by None: what
+    strict JSON (jq, ``JSON.parse``) can read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def strict_json(value: Any, **options: Any) -> str:
+    """``value`` as strict JSON (``finite``; anything else not JSON as its ``str``)."""
+    return json.dumps(finite(value), allow_nan=False, default=str, **options)
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """``remove_temporary_files`` of ``folder`` unless a live process holds its lock
+    (the temporary files are then its own, being written); a folder that cannot be
+    locked (read-only) is left as it is."""
+    try:
+        with lock(folder):  # taking the lock removes them
+            pass
+    except RunDirError:
+        pass
+
+
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -269,6 +297,45 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any], *, best: bool) -> N
         copy_atomic(last, run_dir / CHECKPOINT_BEST)
 
 
+# ------------------------------------------------------------------------- exports
+
+#: the files ``ewgs export`` writes into a run directory by default (the int export's
+#: manifest is its ``.json`` beside it): the only names of a run an export may replace
+EXPORTS = (INT_EXPORT, str(Path(INT_EXPORT).with_suffix(".json")), ONNX_EXPORT)
+#: what a run directory holds that is the run's own
+OWNED = (
+    RECIPE, METRICS_JSONL, METRICS_CSV, DELTAS, MECHANISM, CHECKPOINT_LAST, CHECKPOINT_BEST,
+    REPORT, SUMMARY, LAYER_SUMMARY, ENVIRONMENT, TENSORBOARD, LOCK,
+)  # fmt: skip
+
+
+def check_export_targets(
+    run_dir: Path, targets: Sequence[Path], *, force: bool, allow_unfinished: bool
+) -> None:
+    """A ``RunDirError`` unless ``ewgs export`` may write ``targets`` from ``run_dir``:
+    an unfinished run only with ``allow_unfinished``; never over a file the run owns
+    (anything in its directory but the export files, even with ``force``); over an
+    existing file (or a link) only with ``force``."""
+    recipe, rows = read_recipe(run_dir), read_metrics(run_dir)
+    epochs = recipe.get("epochs") if recipe else None
+    if isinstance(epochs, int) and len(rows) < epochs and not allow_unfinished:
+        raise RunDirError(
+            f"{run_dir}: unfinished ({len(rows)} of {epochs} epochs); `ewgs train RECIPE "
+            "--resume` finishes it, or pass --allow-unfinished to export it as it is"
+        )
+    home = run_dir.resolve()
+    for target in targets:
+        where = target.resolve()
+        inside = where.parent == home or home in where.parents
+        if inside and where.name not in EXPORTS and (where.name in OWNED or target.exists()):
+            raise RunDirError(
+                f"{target}: a file of the run {run_dir}; an export never replaces it "
+                "(choose another --out)"
+            )
+        if (target.exists() or target.is_symlink()) and not force:
+            raise RunDirError(f"{target}: exists; pass --force to replace it")
+
+
 # ------------------------------------------------------------------------- reading
 
 
@@ -289,6 +356,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             row, reason = None, error.msg
+        except RecursionError:
+            row, reason = None, "nested too deeply"
         else:
             reason = "not a JSON object"
         if not isinstance(row, dict):
@@ -311,11 +380,36 @@ def read_deltas(run_dir: Path) -> list[dict[str, Any]]:
 def read_environment(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``environment.json``, or None if it has none."""
     path = run_dir / ENVIRONMENT
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        environment = json.loads(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunDirError(f"{path}: damaged, not JSON ({reason}); move it away") from None
+    if not isinstance(environment, dict):
+        raise RunDirError(f"{path}: damaged, not a JSON object; move it away")
+    return environment
 
 
 def read_mechanism(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / MECHANISM)
+
+
+def run_of_recipe(path: Path) -> Path | None:
+    """The run directory whose resolved recipe ``path`` is (it is the ``recipe.yaml``
+    of a folder holding a run's checkpoint or metrics), or None: a run moved elsewhere
+    is resumed where it lies, not at the ``output`` its recipe once named."""
+    if path.name != RECIPE:
+        return None
+    folder = path.parent
+    if not ((folder / CHECKPOINT_LAST).is_file() or (folder / METRICS_JSONL).is_file()):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return folder if handle.read(len(RECIPE_HEADER)) == RECIPE_HEADER.encode() else None
+    except OSError:
+        return None
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any] | None:
@@ -325,8 +419,8 @@ def read_recipe(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        recipe = yaml.safe_load(path.read_bytes().decode())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        recipe = parse_yaml(path.read_bytes().decode(), "")
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
         reason = str(error).splitlines()[0]
         raise RunDirError(f"{path}: cannot be read as a recipe: {reason}") from None
     if not isinstance(recipe, dict):
@@ -422,15 +516,26 @@ def _release(folder: Path) -> None:
     held[1] -= 1
     if held[1]:
         return
-    del _held[folder]
-    if held[0] >= 0:
-        (folder / LOCK).unlink(missing_ok=True)
-        os.close(held[0])
+    with interrupt.deferred():  # a signal now would leave the lock file behind
+        del _held[folder]
+        if held[0] >= 0:
+            (folder / LOCK).unlink(missing_ok=True)
+            os.close(held[0])
 
 
 def prepare(folder: Path) -> Path:
     """Create ``folder`` (and its parents) for a run or a compare output; a path that
     cannot be a writable folder is a ``RunDirError`` saying why."""
+    where = folder.resolve()
+    if where == Path(where.anchor) or where == Path.home().resolve():
+        raise RunDirError(
+            f"{folder}: output would write run files into {where} itself; choose a folder "
+            "of its own (output=runs/NAME)"
+        )
+    if folder.is_symlink() and not folder.exists():
+        raise RunDirError(
+            f"{folder}: output is a link to {os.readlink(folder)}, which does not exist"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -451,11 +556,15 @@ def lock(folder: Path) -> Iterator[None]:
         yield
         return
     folder = prepare(folder).resolve()
-    if folder in _held:
-        _held[folder][1] += 1
-    else:
-        _acquire(folder)
+    taken = False
     try:
+        with interrupt.deferred():  # taken and noted as held, or not taken
+            if folder in _held:
+                _held[folder][1] += 1
+            else:
+                _acquire(folder)
+            taken = True
         yield
     finally:
-        _release(folder)
+        if taken:
+            _release(folder)

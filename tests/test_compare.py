@@ -126,7 +126,7 @@ def test_a_diverging_run_does_not_stop_the_others(tmp_path, capsys):
     path = write_recipe(tmp_path / "nan.yaml", raw)
     assert cli.main(["compare", str(path)]) == 2
     captured = capsys.readouterr()
-    assert "the training loss is nan at epoch 1" in captured.err
+    assert "the training loss is nan at epoch 2" in captured.err
     assert "1 of 2 runs stopped early (callbacks=_nan_loss_epoch_1)" in captured.err
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Left out (1 unfinished run(s), in no column):" in report

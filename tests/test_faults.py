@@ -11,13 +11,15 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_core_readme import readme_plugin_source
-from toys import make_distribution, run_cli_stopping_at_write
+from toys import StopAfter, make_distribution, run_cli_as_program, run_cli_stopping_at_write
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
@@ -357,9 +359,9 @@ def test_non_finite_weights_after_an_epoch_are_never_saved(reference, tmp_path):
         Trainer(recipe, callbacks={"poison": PoisonLastStep()}, progress=False).run()
     message = str(error.value)
     assert (
-        "holds non-finite values at epoch 1" in message and "nothing of this epoch saved" in message
+        "holds non-finite values at epoch 2" in message and "nothing of this epoch saved" in message
     )
-    assert "the last good checkpoint" in message and "after epoch 0" in message
+    assert "the last good checkpoint" in message and "after epoch 1" in message
     saved = rundir.read_checkpoint(output / rundir.CHECKPOINT_LAST)
     assert saved["epoch"] == 0 and len(rundir.read_metrics(output)) == 1
     for tensor in saved["model"].values():
@@ -464,3 +466,176 @@ def test_a_weights_file_of_pickled_objects_is_one_line_suggesting_nothing_unsafe
     assert "model.weights: " in line and f"{path}: cannot be read" in line
     assert "never loaded" in line
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+
+
+# ------------------------------------------------------------------------ signals
+
+
+def assert_stopped_by(signum: int, status: int, err: str, output: Path) -> None:
+    """A run stopped by ``signum``: its exit status, one line saying how to go on, and
+    nothing left behind (no lock file, no temporary file)."""
+    assert status == 128 + signum, (status, err)
+    lines = err.strip().splitlines()
+    name = signal.Signals(signum).name
+    assert lines[-1].startswith(f"ewgs: interrupted by {name}; "), err
+    assert "--resume` continues the run" in lines[-1] and "Traceback" not in err, err
+    assert not list(output.rglob(rundir.LOCK)) and not list(output.rglob("*.tmp"))
+
+
+def test_sigint_and_sigterm_at_any_write_point_stop_cleanly_and_resume(
+    reference, processes, tmp_path
+):
+    """SIGINT or SIGTERM arriving at a write point (a temporary file written, not yet in
+    place: the process is stopped there, signalled, then continued): exit 130 / 143, one
+    line, the lock let go, and --resume ends where the uninterrupted run ended. Before
+    the fix SIGTERM killed the process outright, leaving .ewgs.lock."""
+    reference_run, points = reference
+    for point in range(1, points + 1, 2):
+        signum = (signal.SIGINT, signal.SIGTERM)[point // 2 % 2]
+        output, log = tmp_path / f"signalled-at-{point}", str(tmp_path / f"log-{point}")
+        command = ["train", str(DEMO), *SMALL, f"output={output}"]
+        process = processes.Process(target=run_cli_as_program, args=(point, command, log))
+        process.start()
+        while process.is_alive() and process_state(process.pid) != "T":
+            time.sleep(0.02)
+        os.kill(process.pid, signum)
+        os.kill(process.pid, signal.SIGCONT)
+        process.join()
+        assert_stopped_by(signum, process.exitcode, Path(log + ".err").read_text(), output)
+        assert train(output, "--resume") == 0, point
+        same_run(output, reference_run)
+
+
+def test_sigterm_stops_a_compare_and_compare_resume_finishes_it(processes, tmp_path):
+    output, log = tmp_path / "out", str(tmp_path / "log")
+    command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
+    process = processes.Process(target=run_cli_as_program, args=(4, command, log))
+    process.start()
+    while process.is_alive() and process_state(process.pid) != "T":
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGCONT)
+    process.join()
+    err = Path(log + ".err").read_text()
+    assert_stopped_by(signal.SIGTERM, process.exitcode, err, output)
+    assert "`ewgs compare " in err
+    assert cli.main([*command, "--resume"]) == 0
+    assert (output / rundir.SUMMARY).is_file() and not list(output.rglob(rundir.LOCK))
+
+
+def start_program(output: Path, *extra: str) -> subprocess.Popen:
+    """``python -m ewgs_plugins.cli train`` (the program itself, a fresh interpreter)."""
+    command = [sys.executable, "-m", "ewgs_plugins.cli", "train", str(DEMO), *SMALL]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*command, f"output={output}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+
+
+def signal_after_line(process: subprocess.Popen, line: int, delay: float, signum: int) -> str:
+    """Send ``signum`` ``delay`` seconds after the ``line``-th line of stdout; returns
+    stderr once the process has ended."""
+    assert process.stdout is not None
+    for _ in range(line):
+        assert process.stdout.readline(), "the process ended first"
+    time.sleep(delay)
+    os.kill(process.pid, signum)
+    _, err = process.communicate(timeout=120)
+    return err
+
+
+def test_sigterm_while_training_is_one_line_and_exit_143(tmp_path):
+    """What ``timeout`` or a scheduler does, 0.3 s after an epoch line."""
+    output = tmp_path / "run"
+    process = start_program(output, "epochs=8")
+    err = signal_after_line(process, 1, 0.3, signal.SIGTERM)
+    assert_stopped_by(signal.SIGTERM, process.returncode, err, output)
+    assert f"output={output}" in err and "epochs=8" in err
+    assert train(output, "epochs=8", "--resume") == 0
+    assert len(rundir.read_metrics(output)) == 8
+
+
+def test_a_signal_after_the_work_is_done_ends_the_program_at_once(tmp_path):
+    """The interpreter's shutdown takes seconds after the last line (torch): a SIGINT
+    then was never answered and the program exited 0 (the lost signal). Now the
+    system's default answers it: the process ends by the signal."""
+    output = tmp_path / "run"
+    process = start_program(output, "epochs=1")
+    assert process.stdout is not None
+    while not process.stdout.readline().startswith("run directory: "):
+        pass
+    ended = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    os.kill(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if ended is None:  # still running when signalled (its shutdown takes a while)
+        assert process.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err
+    assert not list(output.rglob(rundir.LOCK)) and not list(output.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------- thread count
+
+
+def test_a_resume_under_another_thread_count_says_so_and_is_recorded(tmp_path, capsys):
+    """On the CPU a run's numbers depend on the thread count: a resume under another
+    one says so in one line, environment.json holds every start's count, and the
+    report's summary.json lists the run."""
+    output = tmp_path / "runs" / "run"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        recipe = load_recipe(DEMO, [*SMALL, f"output={output}"])
+        Trainer(recipe, callbacks={"stop": StopAfter(0)}, progress=False).run()
+        torch.set_num_threads(2)
+        assert train(output, "--resume") == 0
+    finally:
+        torch.set_num_threads(before)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "threads" in line]
+    assert len(warnings) == 1, warnings
+    assert (
+        "resumed with 2 CPU threads, started with 1: results may differ from this point"
+        in (warnings[0])
+    )
+    assert "OMP_NUM_THREADS=1 continues it as it started" in warnings[0]
+    environment = rundir.read_environment(output)
+    assert environment["threads"]["torch"] == 1
+    assert environment["resumes"][0]["threads"]["torch"] == 2
+    assert cli.main(["report", str(output.parent)]) == 0
+    summary = json.loads((output.parent / rundir.SUMMARY).read_text())
+    assert summary["threads_changed"] == ["run"]
+
+
+# ------------------------------------------------------------------ smaller ones
+
+
+def test_a_moved_run_resumes_where_it_lies(reference, processes, tmp_path, capsys):
+    """``ewgs train moved/run/recipe.yaml --resume``: the run's own recipe names the
+    directory it was trained in; the run is resumed in place, not started there anew."""
+    reference_run, points = reference
+    old = tmp_path / "old"
+    kill(start_stopped(processes, ["train", str(DEMO), *SMALL, f"output={old}"], points - 2))
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(old, moved)
+    assert cli.main(["train", str(moved / rundir.RECIPE), "--resume"]) == 0
+    assert not old.exists()
+    same_run(moved, reference_run)
+    assert str(moved) in capsys.readouterr().out
+
+
+def test_dangerous_or_dangling_outputs_are_one_line(tmp_path, capsys, monkeypatch):
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for output, expected in (
+        (dangling, f"output is a link to {tmp_path / 'gone'}, which does not exist"),
+        (Path("/"), "output would write run files into / itself"),
+        (tmp_path / "home", "output would write run files into"),
+    ):
+        assert train(output) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "home" / rundir.LOCK).exists() and not Path("/", rundir.LOCK).exists()

@@ -78,7 +78,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ca
     path = write_recipe(tmp_path / "nan.yaml", raw)
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "the training loss is nan at epoch 1 (step 8); training stopped" in err
+    assert "the training loss is nan at epoch 2 (step 8); training stopped" in err
     assert "the last good checkpoint" in err and "Traceback" not in err
     run = tmp_path / "run"
     assert [row["epoch"] for row in rows(run / "metrics.jsonl")] == [0]

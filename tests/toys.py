@@ -286,3 +286,22 @@ def run_cli_stopping_at_write(point: int, argv: list[str]) -> None:
     os.environ[rundir.STOP_AT_WRITE] = str(point)
     torch.set_num_threads(1)
     sys.exit(cli.main(argv))
+
+
+def run_cli_as_program(point: int, argv: list[str], log: str) -> None:
+    """In a child process: ``ewgs ARGV`` as the program runs it (``cli.main()`` reading
+    ``sys.argv``), stdout and stderr to the files ``LOG.out`` and ``LOG.err``, stopping
+    itself (SIGSTOP) at its ``point``-th write point (0: never); one torch thread."""
+    import os
+    import sys
+
+    from ewgs_plugins import cli, rundir
+
+    for descriptor, suffix in ((1, ".out"), (2, ".err")):
+        handle = os.open(log + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(handle, descriptor)
+        os.close(handle)
+    os.environ[rundir.STOP_AT_WRITE] = str(point)
+    torch.set_num_threads(1)
+    sys.argv = ["ewgs", *argv]
+    sys.exit(cli.main())

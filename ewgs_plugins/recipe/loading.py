@@ -9,7 +9,7 @@ from .. import recipes
 from ..errors import ConfigError
 from .matrix import Run, expand_runs
 from .schema import Recipe
-from .yaml_text import parse_yaml
+from .yaml_text import MAX_CHARACTERS, parse_yaml
 
 
 def load_runs(
@@ -21,7 +21,13 @@ def load_runs(
     source = str(path)
     file = recipes.find(path)
     try:
-        text = file.read_text()
+        with open(file, "rb") as handle:  # no more than a recipe may hold
+            data = handle.read(4 * MAX_CHARACTERS + 1)
+        if len(data) > 4 * MAX_CHARACTERS:
+            raise ConfigError(
+                "", f"more than {4 * MAX_CHARACTERS} bytes: too large for a recipe", source
+            )
+        text = data.decode()
     except FileNotFoundError:
         raise ConfigError("", "recipe file not found", source) from None
     except UnicodeDecodeError as error:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, quote
 from .schema import Recipe, parse_section, section_type
 from .validate import validate
 from .yaml_text import parse_yaml
@@ -34,8 +35,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(_KEY_PATH, key):
-        raise ConfigError("", f"expected key.path=value on the command line, got {text!r}")
-    return key, parse_yaml(value, f"command line override {text!r}")
+        raise ConfigError("", f"expected key.path=value on the command line, got {quote(text)}")
+    return key, parse_yaml(value, f"command line override {quote(text)}")
 
 
 def set_path(data: dict[str, Any], key_path: str, value: Any) -> None:
@@ -52,7 +53,9 @@ def set_path(data: dict[str, Any], key_path: str, value: Any) -> None:
             child = {}
         elif not isinstance(child, dict):
             where = ".".join(keys[: depth + 1])
-            raise ConfigError(where, f"is {child!r}, not a mapping, so {key_path} cannot be set")
+            raise ConfigError(
+                where, f"is {quote(child)}, not a mapping, so {key_path} cannot be set"
+            )
         node[key] = child
         node = child
     node[keys[-1]] = copy.deepcopy(value)
@@ -68,6 +71,8 @@ class Run:
 
 
 _NAME_AXES = {"method", "backward", "model", "data", "delta"}
+#: the most runs a matrix may expand into (checked before any run is made)
+MAX_RUNS = 1000
 #: the matrix key of named arms (not a key path)
 ARMS = "arms"
 _KEY_PATH = r"[A-Za-z_][\w-]*(\.[A-Za-z0-9_][\w-]*)*"
@@ -107,26 +112,36 @@ def expand_runs(
     ``problems``, a run that fails its checks is left out and its error appended there
     (each message once) instead of raised."""
     if not isinstance(data, dict):
-        raise ConfigError("", f"a recipe must be a mapping of keys, got {data!r}", source)
+        raise ConfigError("", f"a recipe must be a mapping of keys, got {quote(data)}", source)
     data = copy.deepcopy(data)
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
-        origins[key] = f"command line override {text!r}"
+        origins[key] = f"command line override {quote(text)}"
         with _error_source(source, origins):
             set_path(data, key, value)
     matrix = data.pop("matrix", None) or {}
     if not isinstance(matrix, Mapping):
-        raise ConfigError("matrix", f"expected a mapping key.path -> list, got {matrix!r}", source)
+        raise ConfigError(
+            "matrix", f"expected a mapping key.path -> list, got {quote(matrix)}", source
+        )
     axes: list[tuple[str, list[Any]]] = []
     for key, values in matrix.items():
         if key == ARMS:
             values = _arms(values, source)
         elif not isinstance(values, list) or not values:
             raise ConfigError(
-                f"matrix.{key}", f"expected a non-empty list of values, got {values!r}", source
+                f"matrix.{key}", f"expected a non-empty list of values, got {quote(values)}", source
             )
         axes.append((str(key), values))
+    count = math.prod(len(values) for _, values in axes)
+    if count > MAX_RUNS:
+        sizes = " × ".join(str(len(values)) for _, values in axes)
+        raise ConfigError(
+            "matrix",
+            f"expands into {sizes} = {count} runs; a matrix may have at most {MAX_RUNS}",
+            source,
+        )
     for key, origin in origins.items():
         for axis, values in axes:
             problem = _check_override(key, axis, values)
@@ -178,7 +193,7 @@ def _arms(arms: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(arms, Mapping) or not arms:
         raise ConfigError(
             f"matrix.{ARMS}",
-            f"expected a mapping of named arms, each {{key.path: value, ...}}, got {arms!r}",
+            f"expected a mapping of named arms, each {{key.path: value, ...}}, got {quote(arms)}",
             source,
         )
     checked = []
@@ -192,7 +207,7 @@ def _arms(arms: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
             )
         if not isinstance(settings, Mapping) or not settings:
             raise ConfigError(
-                where, f"expected a mapping key.path -> value, got {settings!r}", source
+                where, f"expected a mapping key.path -> value, got {quote(settings)}", source
             )
         for path in settings:
             if not isinstance(path, str) or not re.fullmatch(_KEY_PATH, path):

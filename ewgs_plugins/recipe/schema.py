@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from .. import data
-from ..errors import ConfigError
+from ..errors import ConfigError, quote
 from ..options import call_with_options, check_type, describe_type, factory_options
 from ..quant import FULL_PRECISION, VALID_BITS, LayerOverride
 from ..registry import KINDS, registry
@@ -37,7 +37,7 @@ class Section:
     def from_string(cls, text: str, key_path: str) -> dict[str, Any]:
         if "name" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
             return {"name": text}
-        raise ConfigError(key_path, f"expected a mapping, got {text!r}")
+        raise ConfigError(key_path, f"expected a mapping, got {quote(text)}")
 
     def check(self, key_path: str) -> None:
         """Raise ``ConfigError`` for impossible values."""
@@ -50,7 +50,7 @@ def _join(key_path: str, key: str) -> str:
 def _positive(value: float | int, key_path: str, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(key_path, f"expected a number {bound}, got {value!r}")
+        raise ConfigError(key_path, f"expected a number {bound}, got {quote(value)}")
 
 
 @dataclass(kw_only=True)
@@ -136,7 +136,8 @@ class BitsConfig(Section):
         pair = parse_bits_label(text)
         if pair is None:
             raise ConfigError(
-                key_path, f"expected {{weights: N, activations: N}} or 'W<N>A<N>', got {text!r}"
+                key_path,
+                f"expected {{weights: N, activations: N}} or 'W<N>A<N>', got {quote(text)}",
             )
         return {"weights": pair[0], "activations": pair[1]}
 
@@ -441,7 +442,9 @@ class Recipe(Section):
                 f"got {self.schedule.warmup_epochs}",
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(
+                "device", f"expected auto, cpu, cuda or cuda:N, got {quote(self.device)}"
+            )
         for name, options in self.callbacks.items():
             if name == "delta":
                 raise ConfigError(
@@ -451,7 +454,7 @@ class Recipe(Section):
                 raise ConfigError(
                     f"callbacks.{name}",
                     f"expected a mapping of options, null (no options) or false (off), "
-                    f"got {options!r}",
+                    f"got {quote(options)}",
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -532,11 +535,13 @@ class Recipe(Section):
         device = torch.device(self.device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ConfigError("device", f"{self.device!r} asked for, but CUDA is not available")
+                raise ConfigError(
+                    "device", f"{quote(self.device)} asked for, but CUDA is not available"
+                )
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise ConfigError(
                     "device",
-                    f"{self.device!r} asked for, but there are "
+                    f"{quote(self.device)} asked for, but there are "
                     f"{torch.cuda.device_count()} CUDA devices",
                 )
         return device
@@ -590,7 +595,7 @@ def parse_section(cls: type[Section], data: Any, key_path: str) -> Section:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     known = ", ".join(fields)
     if not isinstance(data, Mapping):
-        raise ConfigError(key_path, f"expected a mapping with keys {known}, got {data!r}")
+        raise ConfigError(key_path, f"expected a mapping with keys {known}, got {quote(data)}")
     for key in data:
         if key not in fields:
             raise ConfigError(_join(key_path, str(key)), f"unknown key; known keys: {known}")
@@ -627,7 +632,7 @@ def _parse_value(hint: Any, value: Any, path: str) -> Any:
         return None if value is None else parse_section(optional[0], value, path)
     if typing.get_origin(hint) is list and args and _section_of(args[0]):
         if not isinstance(value, list):
-            raise ConfigError(path, f"expected a list of {_describe(args[0])}, got {value!r}")
+            raise ConfigError(path, f"expected a list of {_describe(args[0])}, got {quote(value)}")
         return [parse_section(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
     return check_type(value, hint, path)
 

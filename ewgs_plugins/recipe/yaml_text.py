@@ -1,5 +1,11 @@
 """Recipe YAML: a safe loader that reads ``1e-3`` as a float and refuses a key written
-twice, and the dumper of resolved recipes."""
+twice, and the dumper of resolved recipes.
+
+A recipe is bounded before anything is built from it (``MAX_CHARACTERS``, ``MAX_DEPTH``,
+``MAX_VALUES``): its event stream is walked once, counting every value as it would be
+after aliases are expanded, so a document that expands into billions of values (the
+"billion laughs") or nests thousands of levels deep is one line, at once, in little
+memory."""
 
 from __future__ import annotations
 
@@ -44,14 +50,84 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; errors name ``source``."""
+#: the longest recipe text (characters), the deepest nesting of mappings and lists, and
+#: the most values (scalars, mappings, lists) once aliases are expanded
+MAX_CHARACTERS = 1 << 16
+MAX_DEPTH = 50
+MAX_VALUES = 100_000
+
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def check_bounds(text: str) -> None:
+    """A ``ConfigError`` if ``text`` is longer than ``MAX_CHARACTERS``, nests deeper
+    than ``MAX_DEPTH`` or holds more than ``MAX_VALUES`` values once its aliases are
+    expanded (an alias counts as the whole node it names, nesting included); an alias
+    of a node that holds it is refused too. Time and memory linear in the text."""
+    if len(text) > MAX_CHARACTERS:
+        raise ConfigError("", f"{len(text)} characters; a recipe may have at most {MAX_CHARACTERS}")
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, height)
+    open_: list[list[Any]] = []  # per open mapping or list: [values, height, anchor]
+    total = 0
+
+    def add(values: int, height: int, line: int) -> None:
+        nonlocal total
+        total += values
+        if total > MAX_VALUES:
+            raise ConfigError(
+                "",
+                f"more than {MAX_VALUES} values once its aliases are expanded "
+                f"(line {line}); a recipe may hold at most {MAX_VALUES}",
+            )
+        if len(open_) + height > MAX_DEPTH:
+            raise ConfigError(
+                "",
+                f"nested deeper than {MAX_DEPTH} levels (line {line}); a recipe may "
+                f"nest at most {MAX_DEPTH}",
+            )
+        if open_:
+            open_[-1][1] = max(open_[-1][1], height)
+
     try:
+        for event in yaml.parse(text, Loader=_Loader):
+            line = event.start_mark.line + 1
+            if isinstance(event, _OPEN):
+                add(1, 1, line)
+                open_.append([total, 0, event.anchor])
+            elif isinstance(event, _CLOSE):
+                first, height, anchor = open_.pop()
+                if anchor is not None:  # its values: itself and all counted since
+                    anchored[anchor] = (total - first + 1, height + 1)
+                if open_:
+                    open_[-1][1] = max(open_[-1][1], height + 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                add(1, 0, line)
+                if event.anchor is not None:
+                    anchored[event.anchor] = (1, 0)
+            elif isinstance(event, yaml.AliasEvent):
+                if any(entry[2] == event.anchor for entry in open_):
+                    raise ConfigError(
+                        "", f"the alias *{event.anchor} (line {line}) names a value that holds it"
+                    )
+                add(*anchored.get(event.anchor, (1, 0)), line)
+    except yaml.YAMLError:
+        return  # the loader says what is wrong
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text (bounded: ``check_bounds``); errors name ``source``."""
+    try:
+        check_bounds(text)
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except ConfigError as error:
         raise ConfigError(error.key_path, error.message, source) from None
     except yaml.YAMLError as error:
         raise ConfigError("", f"not valid YAML: {error}", source) from None
+    except ValueError as error:  # a value YAML reads but Python will not build (a huge int)
+        raise ConfigError("", f"a value cannot be read: {error}", source) from None
+    except RecursionError:  # a safety net: check_bounds keeps nesting far below it
+        raise ConfigError("", "nested too deeply to read", source) from None
 
 
 def dump_yaml(data: Any) -> str:

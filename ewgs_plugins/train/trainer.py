@@ -434,15 +434,16 @@ class Trainer:
         return loss, outputs, value
 
     def _non_finite(self, what: str) -> None:
+        """Stop: a ``TrainingError`` naming epochs 1-based, as the epoch lines do."""
         checkpoint = self.run_dir / rundir.CHECKPOINT_LAST
         kept = (
-            f"the last good checkpoint ({checkpoint}, after epoch {self.history[-1]['epoch']}) "
+            f"the last good checkpoint ({checkpoint}, after epoch {len(self.history)}) "
             "and metrics are kept"
             if self.history
             else "no epoch had finished, so there is no checkpoint"
         )
         raise TrainingError(
-            f"{self.run_dir}: {what} at epoch {self.epoch} (step {self.step}); training "
+            f"{self.run_dir}: {what} at epoch {self.epoch + 1} (step {self.step}); training "
             f"stopped, nothing of this epoch saved. {kept}. Lower the learning rate or "
             "check the data and the quantizer's initialisation."
         )
