@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_core_readme import readme_plugin_source
-from toys import StopAfter, make_distribution, run_cli_as_program, run_cli_stopping_at_write
+from toys import (
+    SMALL,
+    StopAfter,
+    make_distribution,
+    run_cli_as_program,
+    run_cli_stopping_at_write,
+)
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
@@ -114,20 +120,6 @@ def test_the_readme_method_trains_like_a_built_in_one(site_packages, capsys):
 
 
 # ------------------------------------------------------------ a run to break, and how
-
-#: the digits demo at its smallest: the real model and method (a subprocess has no toy
-#: plugins), EWGS with a Hessian δ every epoch (so deltas.jsonl changes too), 2 epochs
-SMALL = [
-    "matrix=null",
-    "method=lsq",
-    "backward=ewgs",
-    "epochs=2",
-    "device=cpu",
-    "data.batch_size=128",
-    "data.options={test_fraction: 0.5}",
-    "model.options={width: 4}",
-    "delta.options={every: 1, unit: epoch, batches: 1, samples: 2}",
-]
 
 
 def train(output: Path, *extra: str) -> int:

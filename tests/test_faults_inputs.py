@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from toys import SMALL
 
 from ewgs_plugins import cli, rundir
 from ewgs_plugins.errors import ConfigError, quote
@@ -23,17 +24,6 @@ from ewgs_plugins.recipe.yaml_text import MAX_CHARACTERS, MAX_DEPTH, MAX_VALUES,
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo" / "digits.yaml"
-SMALL = [
-    "matrix=null",
-    "method=lsq",
-    "backward=ewgs",
-    "epochs=2",
-    "device=cpu",
-    "data.batch_size=128",
-    "data.options={test_fraction: 0.5}",
-    "model.options={width: 4}",
-    "delta.options={every: 1, unit: epoch, batches: 1, samples: 2}",
-]
 
 
 def one_error_line(err: str) -> str:

@@ -305,3 +305,18 @@ def run_cli_as_program(point: int, argv: list[str], log: str) -> None:
     torch.set_num_threads(1)
     sys.argv = ["ewgs", *argv]
     sys.exit(cli.main())
+
+
+#: the digits demo at its smallest: the real model and method (a subprocess has no toy
+#: plugins), EWGS with a Hessian δ every epoch (so deltas.jsonl changes too), 2 epochs
+SMALL = [
+    "matrix=null",
+    "method=lsq",
+    "backward=ewgs",
+    "epochs=2",
+    "device=cpu",
+    "data.batch_size=128",
+    "data.options={test_fraction: 0.5}",
+    "model.options={width: 4}",
+    "delta.options={every: 1, unit: epoch, batches: 1, samples: 2}",
+]
