@@ -33,7 +33,7 @@ from .errors import ConfigError, EwgsError, TrainingError
 from .registry import KINDS, load_registry
 
 if TYPE_CHECKING:
-    from .recipe import Run
+    from .recipe import Recipe, Run
 
 
 def _say(*text: object) -> None:
@@ -91,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = [f"output={json.dumps(str(home))}"] * (home is not None) + args.overrides
     recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
-        return _dry_run(args.recipe, [recipe.output or ""], [])
+        return _dry_run(args.recipe, [recipe], [])
     with rundir.lock(Path(recipe.output or "")), _source(args.recipe):
         finished = finished_run(recipe, resume=args.resume)
         if args.resume and finished:
@@ -110,7 +110,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.dry_run:
         problems: list[ConfigError] = []
         runs = load_runs(args.recipe, args.overrides, problems=problems)
-        return _dry_run(args.recipe, [run.recipe.output or "" for run in runs], problems)
+        return _dry_run(args.recipe, [run.recipe for run in runs], problems)
     runs = load_runs(args.recipe, args.overrides)
     first = runs[0]
     base = Path(first.recipe.output or "")
@@ -120,19 +120,32 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return _compare(args, runs, base)
 
 
-def _dry_run(recipe: str, outputs: list[str], problems: list[ConfigError]) -> int:
+def _dry_run(recipe: str, checked: list[Recipe], problems: list[ConfigError]) -> int:
     """What ``--dry-run`` prints: the runs that passed every check (plugins, options, data,
-    weights, device) and where each would write; one line per problem (status 2)."""
-    from . import rundir
+    weights, device), where each would write, where its data and weights come from
+    (nothing is downloaded); one line per problem (status 2)."""
+    from . import rundir, weights
 
     checks = "plugins, options, data, weights, device"
-    print(f"{recipe}: {len(outputs)} run(s) pass every check ({checks}); nothing was trained")
-    for output in outputs:
-        held = (Path(output) / rundir.CHECKPOINT_LAST).is_file()
-        print(f"  {output}" + ("  (holds a run: finished ones are kept)" if held else ""))
+    print(f"{recipe}: {len(checked)} run(s) pass every check ({checks}); nothing was trained")
+    for run in checked:
+        held = (Path(run.output or "") / rundir.CHECKPOINT_LAST).is_file()
+        print(f"  {run.output}" + ("  (holds a run: finished ones are kept)" if held else ""))
+    sources = {_data_source(run) for run in checked}
+    sources |= {f"weights {weights.describe(run.model.weights)}" for run in checked}
+    sources.discard("weights None")
+    for line in sorted(sources):
+        print(line)
     for problem in problems:
         print(f"ewgs: error: {problem}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def _data_source(recipe: Recipe) -> str:
+    data = recipe.data
+    where = f" at {data.root}" if data.root else ""
+    fetched = " (downloaded on first use if missing)" if data.options.get("download") else ""
+    return f"data {data.name}{where}: train {data.train}, evaluated on {data.val}{fetched}"
 
 
 def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:

@@ -207,6 +207,19 @@ def check(value: str, key_path: str = "model.weights") -> None:
     )
 
 
+def describe(value: str) -> str:
+    """Where the weights ``value`` come from, without downloading (``--dry-run``)."""
+    if not is_registered(value):
+        return f"{value}: the local file"
+    published = registry().get("weights", value, "model.weights").factory
+    if not isinstance(published, PublishedWeights):
+        return f"{value}: from the plugin that registers it"
+    target = cache_dir() / published.file_name
+    if target.is_file():
+        return f"{value}: {target} (in the cache; its checksum is checked when it loads)"
+    return f"{value}: downloaded on first use from {published.url} into {target}"
+
+
 def resolve(value: str | Path, key_path: str = "model.weights") -> Path:
     """The local file of ``value``: a registered name's verified file (downloaded into
     ``cache_dir()`` if not there yet), or the file ``value`` itself."""

@@ -87,8 +87,26 @@ def test_a_shipped_recipe_runs_by_name_outside_a_checkout(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("demo/digits: 24 run(s) pass every check")
     assert lines[1].strip() == str(Path("runs/demo-digits/interval-ste-seed0"))
-    assert len(lines) == 25 and result.stderr == ""
+    assert len(lines) == 26 and result.stderr == ""
+    assert lines[25].startswith("data digits: train train, evaluated on test")
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_dry_run_says_where_registered_weights_come_from_without_fetching(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    study = ["cifar10/resnet20_w1a1_delta_map_dev", "--dry-run", f"output={tmp_path / 'r'}"]
+    assert cli.main(["compare", *study]) == 0
+    out = capsys.readouterr().out
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "resnet20-12fca82f.th"
+    assert "weights resnet20: downloaded on first use from https://" in out
+    assert f"into {target}" in out and not target.exists()
+    assert "evaluated on train[10000:12000] (downloaded on first use if missing)" in out
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"a cached file")
+    assert cli.main(["compare", *study]) == 0
+    assert f"weights resnet20: {target} (in the cache" in capsys.readouterr().out
 
 
 def test_a_path_wins_over_a_shipped_name(tmp_path, capsys):
