@@ -11,6 +11,7 @@ import pytest
 from toys import digits_recipe, toy_plugins, write_recipe
 
 from ewgs_plugins import cli, host_memory
+from ewgs_plugins.train import Trainer
 
 GLIBC = host_memory._glibc() is not None
 
@@ -107,8 +108,8 @@ def test_off_glibc_nothing_is_changed(monkeypatch):
 def test_the_cli_keeps_freed_memory_before_it_trains(tmp_path, monkeypatch, command):
     events = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: events.append("kept"))
-    original = cli.Trainer.run
-    monkeypatch.setattr(cli.Trainer, "run", lambda self: (events.append("run"), original(self)))
+    original = Trainer.run  # the class the command imports when it runs
+    monkeypatch.setattr(Trainer, "run", lambda self: (events.append("run"), original(self)))
     matrix = {"matrix": {"backward": ["ste"]}} if command == "compare" else {}
     raw = digits_recipe(tmp_path / "out", epochs=1, **matrix)
     with toy_plugins():

@@ -164,10 +164,12 @@ def test_imports_inside_functions_only_for_optional_or_heavy_dependencies() -> N
 
 
 def test_no_module_imports_the_entry_point() -> None:
+    """Only the manual's reference generator reads the command line (its parser, to
+    document every command)."""
     graph = import_graph()
     assert graph[ENTRY_POINT] >= {"ewgs_plugins.train", "ewgs_plugins.export"}  # its lazy ones
     importers = sorted(module for module, edges in graph.items() if ENTRY_POINT in edges)
-    assert importers == []
+    assert importers == ["ewgs_plugins.reference"]
 
 
 def test_run_directory_file_names_only_in_rundir() -> None:

@@ -73,7 +73,10 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
             r"# Reproduces: (the paper's (CIFAR-10|ImageNet) |no published result)", text
         )
     runs = load_runs(path, local_files(path, tmp_path))
-    if path.stem in STUDY_RECIPES:
+    if path.stem == "resnet20_w1a1_delta_map_dev":  # STE and four fixed-δ arms × 3 seeds
+        assert len(runs) == 15 and {r.recipe.method.name for r in runs} == {"interval"}
+        assert {r.recipe.delta.name for r in runs if r.recipe.backward == "ewgs"} == {"fixed"}
+    elif path.stem in STUDY_RECIPES:
         assert len(runs) == 12
         assert {r.recipe.method.name for r in runs} == {STUDY_RECIPES[path.stem]}
     else:
@@ -83,7 +86,7 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
         assert all("profit" in r.recipe.callbacks for r in runs)
     elif path.stem in PAPER_ROWS:
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa"}
-    elif path.stem not in ("resnet20_fp", *STUDY_RECIPES):
+    elif path.stem not in ("resnet20_fp", "resnet20_w1a1_delta_map_dev", *STUDY_RECIPES):
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa", "lsq", "profit"}
     if path.stem != "resnet20_fp":
         assert {r.recipe.backward for r in runs} == {"ste", "ewgs"}
