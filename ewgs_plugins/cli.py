@@ -132,8 +132,9 @@ def _dry_run(recipe: str, checked: list[Recipe], problems: list[ConfigError]) ->
         held = (Path(run.output or "") / rundir.CHECKPOINT_LAST).is_file()
         print(f"  {run.output}" + ("  (holds a run: finished ones are kept)" if held else ""))
     sources = {_data_source(run) for run in checked}
-    sources |= {f"weights {weights.describe(run.model.weights)}" for run in checked}
-    sources.discard("weights None")
+    sources |= {
+        f"weights {weights.describe(run.model.weights)}" for run in checked if run.model.weights
+    }
     for line in sorted(sources):
         print(line)
     for problem in problems:
