@@ -43,14 +43,14 @@ def map_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         for comparison in group["comparisons"]:
             top1, loss = comparison["top1"], comparison["train_loss"]
-            runs = group["runs"]
+            pairs = comparison["pairs"]  # the means of the paired runs, as the difference
             rows.append(
                 {
                     "delta_weight": deltas[0],
                     "delta_activation": deltas[1],
                     "n": comparison["n"],
-                    "ste": runs[comparison["baseline"]]["top1_mean"],
-                    "ewgs": runs[comparison["rule"]]["top1_mean"],
+                    "ste": _mean(p["top1"][comparison["baseline"]] for p in pairs),
+                    "ewgs": _mean(p["top1"][comparison["rule"]] for p in pairs),
                     "diff": top1["diff"],
                     "ci": top1["ci"],
                     "wtl": (top1["wins"], top1["ties"], top1["losses"]),
@@ -60,6 +60,11 @@ def map_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return sorted(rows, key=lambda r: (r["delta_weight"], r["delta_activation"]))
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _interval(value: float, ci: list[float] | None, digits: int) -> str:

@@ -22,9 +22,10 @@ def load_bench():
 
 def group(settings: dict, diff: float, ci: list[float] | None) -> dict:
     stat = {"diff": diff, "ci": ci, "wins": 0, "ties": 0, "losses": 3}
+    pairs = [{"seed": seed, "top1": {"ste": 55.0, "ewgs": 55.0 + diff}} for seed in range(3)]
     return {
         "settings": settings,
-        "runs": {"ste": {"top1_mean": 55.0}, "ewgs": {"top1_mean": 55.0 + diff}},
+        "runs": {"ste": {"top1_mean": 99.0}, "ewgs": {"top1_mean": 99.0}},  # unpaired too
         "comparisons": [
             {
                 "rule": "ewgs",
@@ -33,6 +34,7 @@ def group(settings: dict, diff: float, ci: list[float] | None) -> dict:
                 "verdict": "STE better",
                 "top1": stat,
                 "train_loss": {**stat, "diff": 0.1, "ci": [0.05, 0.15]},
+                "pairs": pairs,
             }
         ],
     }
