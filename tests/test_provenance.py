@@ -67,6 +67,9 @@ def test_a_run_records_what_produced_it(finished_run):
         "model",
         "dataset",
         "callback",
+        "weights",
+        "optimizer",
+        "schedule",
     }
     assert "resumes" not in environment
 
