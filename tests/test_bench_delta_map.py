@@ -3,21 +3,13 @@ are on it, at which δ, and the figure."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "delta_map.py"
+from toys import bench_module
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_delta_map", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("delta_map")
 
 
 def group(settings: dict, diff: float, ci: list[float] | None) -> dict:

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "delta_stability.py"
+from toys import bench_module
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_delta_stability", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("delta_stability")
 
 
 def refreshes(rng: random.Random, count: int, shift: float = 0.0) -> list[dict]:

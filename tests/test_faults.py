@@ -23,6 +23,7 @@ from toys import (
     SMALL,
     StopAfter,
     make_distribution,
+    one_error_line,
     run_cli_as_program,
     run_cli_stopping_at_write,
 )
@@ -37,12 +38,6 @@ from ewgs_plugins.train import build as build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo" / "digits.yaml"
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ewgs: error: "), err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------- plugins

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from toys import SMALL
+from toys import SMALL, one_error_line
 
 from ewgs_plugins import cli, rundir
 from ewgs_plugins.errors import ConfigError, quote
@@ -24,12 +24,6 @@ from ewgs_plugins.recipe.yaml_text import MAX_CHARACTERS, MAX_DEPTH, MAX_VALUES,
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo" / "digits.yaml"
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ewgs: error: "), err
-    return lines[0]
 
 
 def laughs(levels: int, name: str = "l") -> str:

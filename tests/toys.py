@@ -5,10 +5,13 @@ trainer's tests do not depend on the real methods and models."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -320,3 +323,21 @@ SMALL = [
     "model.options={width: 4}",
     "delta.options={every: 1, unit: epoch, batches: 1, samples: 2}",
 ]
+
+
+def bench_module(name: str) -> ModuleType:
+    """The script ``bench/<name>.py`` imported as a module (``bench_<name>``)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_error_line(err: str) -> str:
+    """The one ``ewgs: error:`` line a bad input gets (asserting there is no other)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ewgs: error: "), err
+    return lines[0]
