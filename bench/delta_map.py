@@ -44,6 +44,8 @@ def map_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         for comparison in group["comparisons"]:
             top1, loss = comparison["top1"], comparison["train_loss"]
             pairs = comparison["pairs"]  # the means of the paired runs, as the difference
+            if not pairs:
+                continue
             rows.append(
                 {
                     "delta_weight": deltas[0],
