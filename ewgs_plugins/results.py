@@ -13,7 +13,7 @@ from typing import Any
 from . import rundir
 from .data import evaluated_split
 from .errors import ConfigError, RunDirError
-from .recipe import flatten
+from .recipe import flatten, with_defaults
 
 #: keys that make the table's rows and columns (or are expected to differ)
 AXES = ("method.name", "backward", "bits.weights", "bits.activations", "seed", "output")
@@ -124,7 +124,7 @@ def read_run(path: Path) -> RunResult | None:
     recipe, metrics = rundir.read_recipe(path), rundir.read_metrics(path)
     if recipe is None or not metrics:
         return None
-    run = RunResult(path, recipe, metrics, rundir.read_deltas(path))
+    run = RunResult(path, with_defaults(recipe), metrics, rundir.read_deltas(path))
     try:  # what the report reads of every run
         _ = (
             run.method,

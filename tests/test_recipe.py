@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from toys import digits_recipe, toy_plugins, write_recipe
 
 from ewgs_plugins import cli
@@ -20,6 +22,7 @@ from ewgs_plugins.recipe import (
     load_runs,
     parse_override,
     parse_yaml,
+    with_defaults,
 )
 
 
@@ -342,3 +345,43 @@ def test_yaml_reads_exponent_floats_and_keeps_strings():
     data = parse_yaml("a: 1e-3\nb: 1.5E+2\nc: 5\nd: e5\ne: '1e-3'\n", "x")
     assert data == {"a": 1e-3, "b": 150.0, "c": 5, "d": "e5", "e": "1e-3"}
     assert copy.deepcopy(data) == data
+
+
+# ---------------------------------------------------------------- keys added later
+
+#: keys a later release added, each at the default that keeps the older behaviour
+ADDED_LATER = {
+    ("data", "train"): "train",
+    ("data", "val"): "test",
+    ("require_all_quantized",): False,
+    ("method", "options"): {},
+    ("optimizers", "weights", "options"): {},
+    ("schedule", "options"): {},
+    ("delta", "batch_size"): None,
+}
+
+
+@given(st.sets(st.sampled_from(sorted(ADDED_LATER))))
+@settings(max_examples=40, deadline=None)
+def test_a_recipe_resolved_before_keys_existed_reads_as_if_they_were_at_their_defaults(gone):
+    resolved = expand_runs(digits_recipe(Path("out")), source="test")[0].recipe.to_dict()
+    older = copy.deepcopy(resolved)
+    for path in gone:
+        *sections, key = path
+        section = older
+        for name in sections:
+            section = section[name]
+        assert section[key] == ADDED_LATER[path]
+        del section[key]
+    assert with_defaults(older) == resolved
+
+
+def test_filling_defaults_keeps_every_value_a_recipe_has():
+    raw = digits_recipe(Path("out"), require_all_quantized=True, plugin_key_free={"x": 1})
+    raw["data"].update(train="train[0:100]", options={"test_fraction": 0.5, "mine": 2})
+    filled = with_defaults(raw)
+    assert filled["require_all_quantized"] is True and filled["plugin_key_free"] == {"x": 1}
+    assert filled["data"]["train"] == "train[0:100]" and filled["data"]["val"] == "test"
+    assert filled["data"]["options"] == {"test_fraction": 0.5, "mine": 2}  # a plugin's: as is
+    assert filled["delta"]["options"] == raw["delta"]["options"]
+    assert filled["method"] == "toy"  # a shorthand is not a mapping: left as it is

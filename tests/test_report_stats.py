@@ -600,3 +600,20 @@ def test_every_run_is_paired_listed_unpaired_or_left_out(specs, shuffler):
     assert [(g.label, [c.top1 for c in g.comparisons], len(g.unpaired)) for g in again.groups] == [
         (g.label, [c.top1 for c in g.comparisons], len(g.unpaired)) for g in analysis.groups
     ]
+
+
+def test_a_run_resolved_before_a_key_existed_pairs_with_one_at_its_default(tmp_path):
+    write_run(tmp_path, "ste-older", "ste", 0, 50.0)  # resolved before the keys below existed
+    later = {"require_all_quantized": False, "quantize_first_last": None, "amp": None}
+    write_run(tmp_path, "ewgs-later", "ewgs", 0, 52.0, **later)
+    write_run(tmp_path, "ste-strict", "ste", 1, 50.0, require_all_quantized=True)
+    write_run(tmp_path, "ewgs-later-1", "ewgs", 1, 52.0, **later)
+    analysis = analyse(find_runs(tmp_path), tmp_path)
+    pairs = [
+        (b.name(tmp_path), r.name(tmp_path))
+        for c in analysis.groups[0].comparisons
+        for b, r in c.pairs
+    ]
+    assert pairs == [("ste-older", "ewgs-later")]
+    unpaired = {run.name(tmp_path): why for g in analysis.groups for run, why in g.unpaired}
+    assert "differs in require_all_quantized" in unpaired["ewgs-later-1"]

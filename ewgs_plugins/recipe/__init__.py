@@ -30,6 +30,7 @@ from .schema import (
     WeightsOptimizerConfig,
     flatten,
     parse_bits_label,
+    with_defaults,
 )
 from .validate import validate
 from .yaml_text import dump_yaml, parse_yaml
@@ -60,4 +61,5 @@ __all__ = [
     "parse_yaml",
     "set_path",
     "validate",
+    "with_defaults",
 ]

@@ -581,6 +581,37 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+def with_defaults(data: Mapping[str, Any], cls: type[Section] = Recipe) -> dict[str, Any]:
+    """A resolved recipe (``data``, a section ``cls`` as plain data) with every key the
+    schema has and ``data`` lacks filled in at its default: a run resolved before a
+    release added a key reads as if the key had been there at its default, which keeps
+    the behaviour the run had. Keys ``data`` has are kept as they are; a plugin's
+    ``options`` gain nothing."""
+    filled = dict(data)
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name, hint = spec.name, hints[spec.name]
+        if name not in filled:
+            if spec.default is not dataclasses.MISSING:
+                filled[name] = _plain(spec.default)
+            elif spec.default_factory is not dataclasses.MISSING:
+                default = spec.default_factory()
+                is_section = dataclasses.is_dataclass(default)
+                filled[name] = _plain(dataclasses.asdict(default) if is_section else default)
+            continue
+        section = _section_of(hint) or next(
+            (s for s in map(_section_of, typing.get_args(hint)) if s), None
+        )
+        value = filled[name]
+        if section and isinstance(value, Mapping):
+            filled[name] = with_defaults(value, section)
+        elif section and isinstance(value, list):
+            filled[name] = [
+                with_defaults(v, section) if isinstance(v, Mapping) else v for v in value
+            ]
+    return filled
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}

@@ -17,7 +17,7 @@ from torch import nn
 from .. import distributed, rundir
 from ..errors import ConfigError, RunDirError
 from ..quant import quantizer_bits, set_quantizer_bits
-from ..recipe import Recipe, flatten
+from ..recipe import Recipe, flatten, with_defaults
 from .optim import build_optimizers, group_layout
 from .seeding import rng_state, set_rng_state
 
@@ -182,14 +182,12 @@ def non_finite_state(model: nn.Module, metrics: Mapping[str, Any]) -> str | None
 def check_same_recipe(recipe: Recipe, saved: Mapping[str, Any], run_dir: Path) -> None:
     """A ConfigError unless ``recipe`` is the one ``run_dir`` was trained with (apart
     from ``RESUME_MAY_CHANGE``)."""
-    current, before = flatten(recipe.to_dict()), flatten(saved)
+    current, before = flatten(recipe.to_dict()), flatten(with_defaults(saved))
     differ = [
         key
         for key in sorted(set(current) | set(before))
         if current.get(key) != before.get(key)
         and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
-        # a key the schema gained after the run started, left at its empty default
-        and not (key not in before and current.get(key) == {})
     ]
     if differ:
         key = differ[0]
