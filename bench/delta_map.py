@@ -1,14 +1,20 @@
-"""The δ map of a study: EWGS − STE (paired, with its 95 % interval) against the size of δ.
+"""The δ map of one or more studies: EWGS − STE (paired, with its 95 % interval) against δ.
 
-Reads the ``summary.json`` that ``ewgs report`` (or ``ewgs compare``) writes for a study
-whose arms fix δ (``delta: {name: fixed, options: {value: ...}}``, or ``weight:`` /
-``activation:`` per site kind), prints the map as a Markdown table and draws it:
+Reads the ``summary.json`` that ``ewgs report`` (or ``ewgs compare``) writes for each study,
+``LABEL=PATH`` (the label names the study in the table and the legend: method and
+optimizer, say), prints the map as one Markdown table and draws it. Arms that fix δ
+(``delta: {name: fixed, options: {value: ...}}``, or ``weight:`` / ``activation:`` per
+site kind) sit at their δ; arms with the Hessian estimate sit at the median over sites of
+the δ it estimated (each site's mean over its estimates, then the median over the weight
+sites and over the activation sites, over the arm's EWGS runs), read from the runs'
+``deltas.jsonl`` beside the summary:
 
-    python bench/delta_map.py runs/cifar10-resnet20-w1a1-delta-map-dev/summary.json \\
-        --out delta_map.png --hessian-weight 0.05 --hessian-activation 0.006
+    python bench/delta_map.py "interval, Adam=runs/map/summary.json" \\
+        "interval, SGD=runs/sgd/summary.json" "DoReFa, Adam=runs/dorefa/summary.json" \\
+        --out delta_map.png
 
-``--hessian-weight`` / ``--hessian-activation`` mark where the Hessian estimate's δ landed
-(its median at the weight and at the activation sites, from a study's ``deltas.jsonl``).
+The x axis is δ at the weight sites; an arm with δ = 0 at the activation sites has its
+own marker.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
+
+from ewgs_plugins import rundir
+from ewgs_plugins.recipe import flatten
 
 
 def arm_deltas(settings: dict[str, Any]) -> tuple[float, float] | None:
@@ -34,22 +44,56 @@ def arm_deltas(settings: dict[str, Any]) -> tuple[float, float] | None:
     )
 
 
-def map_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per fixed-δ group and rule compared with STE, sorted by (δ_W, δ_A)."""
+def estimated_deltas(run_dirs: list[Path]) -> tuple[float, float] | None:
+    """The median over weight sites and over activation sites of each site's mean δ over
+    the estimates of ``run_dirs`` (the records before the first estimate, all 0, left
+    out); None when no run has a δ history."""
+    per_site: dict[str, list[float]] = {}
+    for run_dir in run_dirs:
+        path = run_dir / "deltas.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            deltas = json.loads(line)["deltas"]
+            if any(value > 0 for value in deltas.values()):
+                for site, value in deltas.items():
+                    per_site.setdefault(site, []).append(value)
+    means = {site: statistics.mean(values) for site, values in per_site.items()}
+    weights = [m for s, m in means.items() if s.endswith(".weight")]
+    activations = [m for s, m in means.items() if not s.endswith(".weight")]
+    if not weights:
+        return None
+    return statistics.median(weights), statistics.median(activations) if activations else 0.0
+
+
+def map_rows(
+    summary: dict[str, Any], study: str = "", root: Path | None = None
+) -> list[dict[str, Any]]:
+    """One row per δ arm and rule compared with STE: the fixed-δ arms, and the Hessian
+    arms when ``root`` (the folder the summary's run names are relative to) holds their
+    δ histories, or without a position otherwise."""
     rows = []
     for group in summary["groups"]:
-        deltas = arm_deltas(group["settings"])
-        if deltas is None:
-            continue
         for comparison in group["comparisons"]:
             top1, loss = comparison["top1"], comparison["train_loss"]
             pairs = comparison["pairs"]  # the means of the paired runs, as the difference
             if not pairs:
                 continue
+            settings = _delta_settings(group["settings"], pairs, comparison["rule"], root)
+            fixed = arm_deltas(settings)
+            hessian = settings.get("delta.name") == "hessian"
+            if fixed is None and not hessian:
+                continue
+            deltas = fixed
+            if hessian and root is not None:
+                runs = [root / p["runs"][comparison["rule"]] for p in pairs if "runs" in p]
+                deltas = estimated_deltas(runs)
             rows.append(
                 {
-                    "delta_weight": deltas[0],
-                    "delta_activation": deltas[1],
+                    "study": study,
+                    "estimator": "hessian" if hessian else "fixed",
+                    "delta_weight": None if deltas is None else deltas[0],
+                    "delta_activation": None if deltas is None else deltas[1],
                     "n": comparison["n"],
                     "ste": _mean(p["top1"][comparison["baseline"]] for p in pairs),
                     "ewgs": _mean(p["top1"][comparison["rule"]] for p in pairs),
@@ -61,7 +105,23 @@ def map_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "verdict": comparison["verdict"],
                 }
             )
-    return sorted(rows, key=lambda r: (r["delta_weight"], r["delta_activation"]))
+    return sorted(rows, key=_order)
+
+
+def _delta_settings(
+    settings: dict[str, Any], pairs: list[dict[str, Any]], rule: str, root: Path | None
+) -> dict[str, Any]:
+    """The row's ``delta`` keys: from its label where δ varies across the study's rows,
+    otherwise from its first run's resolved recipe."""
+    if "delta.name" in settings or root is None:
+        return settings
+    recipe = rundir.read_recipe(root / pairs[0]["runs"][rule]) if "runs" in pairs[0] else None
+    return {k: v for k, v in flatten(recipe or {}).items() if k.startswith("delta.")}
+
+
+def _order(row: dict[str, Any]) -> tuple:
+    unknown = row["delta_weight"] is None
+    return (row["study"], unknown, row["delta_weight"] or 0.0, row["delta_activation"] or 0.0)
 
 
 def _mean(values: Any) -> float:
@@ -76,15 +136,23 @@ def _interval(value: float, ci: list[float] | None, digits: int) -> str:
     return text
 
 
+def _delta(row: dict[str, Any], key: str) -> str:
+    value = row[key]
+    if value is None:
+        return "—"
+    return f"≈{value:.2g}" if row["estimator"] == "hessian" else f"{value:g}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| δ weights | δ activations | n | STE | EWGS | EWGS − STE (95 % CI) | W/T/L "
-        "| verdict | EWGS − STE train loss (95 % CI) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| study | δ | δ weights | δ activations | n | STE | EWGS | EWGS − STE (95 % CI) "
+        "| W/T/L | verdict | EWGS − STE train loss (95 % CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['delta_weight']:g} | {r['delta_activation']:g} | {r['n']} "
+            f"| {r['study']} | {r['estimator']} | {_delta(r, 'delta_weight')} "
+            f"| {_delta(r, 'delta_activation')} | {r['n']} "
             f"| {r['ste']:.2f} | {r['ewgs']:.2f} | {_interval(r['diff'], r['ci'], 2)} "
             f"| {'/'.join(map(str, r['wtl']))} | {r['verdict']} "
             f"| {_interval(r['loss_diff'], r['loss_ci'], 3)} |"
@@ -92,58 +160,80 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(
-    rows: list[dict[str, Any]],
-    out: Path,
-    hessian_weight: float | None = None,
-    hessian_activation: float | None = None,
-) -> None:
+def _marker(row: dict[str, Any]) -> tuple[str, str]:
+    if row["estimator"] == "hessian":
+        return "D", "Hessian δ (at its median)"
+    if row["delta_activation"] == 0:
+        return "s", "fixed δ, weight sites only"
+    return "o", "fixed δ at every site"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    kinds = {
-        "δ at every site": [r for r in rows if r["delta_weight"] == r["delta_activation"]],
-        "δ at the weight sites, 0 at the activation sites": [
-            r for r in rows if r["delta_activation"] == 0 and r["delta_weight"] > 0
-        ],
-    }
-    for (label, chosen), marker in zip(kinds.items(), ("o", "s")):
-        if not chosen:
-            continue
-        x = [r["delta_weight"] for r in chosen]
-        y = [r["diff"] for r in chosen]
-        low = [r["diff"] - r["ci"][0] if r["ci"] else 0.0 for r in chosen]
-        high = [r["ci"][1] - r["diff"] if r["ci"] else 0.0 for r in chosen]
-        ax.errorbar(x, y, yerr=[low, high], fmt=marker, capsize=4, label=label)
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    for value, label, style in (
-        (hessian_weight, "Hessian δ, weight sites (median)", "--"),
-        (hessian_activation, "Hessian δ, activation sites (median)", ":"),
+    placed = [r for r in rows if r["delta_weight"] and math.isfinite(r["delta_weight"])]
+    studies = list(dict.fromkeys(r["study"] for r in placed))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4), layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown: set[str] = set()
+    for index, study in enumerate(studies):
+        colour = colours[index % len(colours)]
+        # a small offset per study keeps overlapping intervals apart on the log axis
+        shift = 1.0 + 0.06 * (index - (len(studies) - 1) / 2)
+        for row in (r for r in placed if r["study"] == study):
+            marker, kind = _marker(row)
+            low = row["diff"] - row["ci"][0] if row["ci"] else 0.0
+            high = row["ci"][1] - row["diff"] if row["ci"] else 0.0
+            ax.errorbar(
+                [row["delta_weight"] * shift],
+                [row["diff"]],
+                yerr=[[low], [high]],
+                fmt=marker,
+                color=colour,
+                capsize=4,
+                mfc="none" if row["n"] < 2 else colour,
+            )
+            shown.add(kind)
+        ax.plot([], [], color=colour, linewidth=6, label=study or "study")
+    for marker, kind in (
+        ("o", "fixed δ at every site"),
+        ("s", "fixed δ, weight sites only"),
+        ("D", "Hessian δ (at its median)"),
     ):
-        if value is not None and value > 0 and math.isfinite(value):
-            ax.axvline(value, color="0.3", linestyle=style, linewidth=1.0, label=label)
+        if kind in shown:
+            ax.plot([], [], marker, color="0.3", label=kind)
+    if any(r["n"] < 2 for r in placed):
+        ax.plot([], [], "o", mfc="none", color="0.3", label="one pair: no interval")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("fixed δ")
+    ax.set_xlabel("δ at the weight sites")
     ax.set_ylabel("EWGS − STE, validation top-1 (points)")
     ax.legend(loc="lower left", fontsize="small")
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
+def _study(text: str) -> tuple[str, Path]:
+    label, sep, path = text.rpartition("=")
+    return (label if sep else "", Path(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("summary", type=Path, help="a study's summary.json")
+    parser.add_argument(
+        "summaries", nargs="+", type=_study, help="LABEL=PATH of a study's summary.json"
+    )
     parser.add_argument("--out", type=Path, help="the figure (PNG); none if omitted")
-    parser.add_argument("--hessian-weight", type=float)
-    parser.add_argument("--hessian-activation", type=float)
     args = parser.parse_args(argv)
-    rows = map_rows(json.loads(args.summary.read_text()))
+    rows = []
+    for label, path in args.summaries:
+        rows += map_rows(json.loads(path.read_text()), label, path.parent)
     print(markdown(rows))
     if args.out is not None:
-        plot(rows, args.out, args.hessian_weight, args.hessian_activation)
+        plot(rows, args.out)
         print(f"\nfigure: {args.out}")
     return 0
 

@@ -15,7 +15,8 @@ Per site: the relative sd across repeats, sd/mean, with the mean taken over ever
 refresh (the best estimate of δ's expectation); the table gives the median and worst
 over the sites whose mean δ is resolved (more than 3 standard errors above 0).
 ``--reference-samples`` > 0 adds the paper's per-site estimator (``probe: site``, no
-early stop) on ``--reference-batches`` fresh batches, compared with that mean.
+early stop) on ``--reference-batches`` fresh batches, compared with that mean; from its
+per-batch ratios, the spread one refresh of it (on ``--batches`` batches) would have.
 ``--drift-checkpoint`` (a later checkpoint of the same run, ``--drift-steps`` training
 steps on) repeats the refresh ``--drift-repeats`` times there: the change of mean δ
 per training step, and the bias a window of k refreshes every E steps would carry,
@@ -138,6 +139,21 @@ def analyse(result: dict, window: int) -> dict:
         summary["reference_seconds"] = result["reference"]["seconds"]
         for n, v in reference.items():
             summary["per_site"][n]["reference"] = max(0.0, sum(v) / len(v))
+        per_refresh = int(result.get("args", {}).get("batches", 3))
+        counted = min(len(v) for v in reference.values())
+        if counted > 1:  # the per-site estimator's own spread, from its per-batch ratios
+            summary["reference_spread"] = _median_worst(
+                {
+                    n: statistics.stdev(v) / math.sqrt(per_refresh) / resolved[n]
+                    for n, v in reference.items()
+                    if n in resolved
+                }
+            )
+            summary["reference_seconds_per_refresh"] = (
+                result["reference"]["seconds"] * per_refresh / counted
+            )
+            summary["reference_batches"] = counted
+            summary["reference_samples"] = result.get("args", {}).get("reference_samples", "?")
     if "drift" in result:
         later = RatioPool("window", None)
         for refresh in result["drift"]:
@@ -193,6 +209,17 @@ def report(summary: dict, window: int, every: int) -> str:
         f"| pooled over {window} refreshes, predicted (sd/√{window}) | {p['median']:.1%} "
         f"| {p['worst']:.1%} ({p['site']}) |"
     )
+    if "reference_spread" in summary:
+        r = summary["reference_spread"]
+        lines.append(
+            f"| the per-site estimator (probe: site), {summary['reference_samples']} probes, "
+            f"from {summary['reference_batches']} batches | {r['median']:.1%} "
+            f"| {r['worst']:.1%} ({r['site']}) |"
+        )
+        lines.append(
+            f"\nper refresh: {summary['seconds_per_refresh']:.1f} s (default), "
+            f"{summary['reference_seconds_per_refresh']:.1f} s (per-site estimator)"
+        )
     if "reference_over_mean" in summary:
         r = summary["reference_over_mean"]
         lines.append(

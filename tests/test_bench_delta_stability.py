@@ -51,3 +51,25 @@ def test_no_drift_reads_as_none_resolved():
     result = {"plain": refreshes(rng, 60), "drift": refreshes(rng, 60), "drift_steps": 40}
     drift = bench.analyse(result, window=3)["drift"]
     assert drift["resolved"] <= 1 and drift["chi2"] < 8
+
+
+def test_the_per_site_estimators_spread_comes_from_its_per_batch_ratios():
+    bench = load_bench()
+    rng = random.Random(2)
+    reference = {
+        "a.weight": [0.07 + rng.gauss(0, 0.02) for _ in range(400)],
+        "a.input": [0.01 + rng.gauss(0, 0.0005) for _ in range(400)],
+        "b.weight": [-0.02] * 400,
+    }
+    result = {
+        "args": {"batches": "3", "reference_samples": "50"},
+        "plain": refreshes(rng, 60),
+        "reference": {"seconds": 40.0, "ratios": reference},
+    }
+    summary = bench.analyse(result, window=3)
+    spread = summary["reference_spread"]
+    # one refresh of 3 batches: sd 0.02/√3 of 0.07 at the noisy site
+    assert spread["site"] == "a.weight"
+    assert spread["worst"] == pytest.approx(0.02 / math.sqrt(3) / 0.07, rel=0.15)
+    assert summary["reference_seconds_per_refresh"] == pytest.approx(40.0 * 3 / 400)
+    assert "the per-site estimator (probe: site), 50 probes" in bench.report(summary, 3, 80)
