@@ -14,7 +14,7 @@ sites and over the activation sites, over the arm's EWGS runs), read from the ru
         --out delta_map.png
 
 The x axis is δ at the weight sites; an arm with δ = 0 at the activation sites has its
-own marker.
+own marker. ``--mark LABEL=δ`` draws a vertical line at a δ of the weight sites.
 """
 
 from __future__ import annotations
@@ -168,7 +168,9 @@ def _marker(row: dict[str, Any]) -> tuple[str, str]:
     return "o", "fixed δ at every site"
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> None:
+def plot(
+    rows: list[dict[str, Any]], out: Path, marks: list[tuple[str, float]] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +209,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             ax.plot([], [], marker, color="0.3", label=kind)
     if any(r["n"] < 2 for r in placed):
         ax.plot([], [], "o", mfc="none", color="0.3", label="one pair: no interval")
+    for (label, value), style in zip(marks or [], ("--", ":", "-.")):
+        ax.axvline(value, color="0.3", linestyle=style, linewidth=1.0, label=label)
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("δ at the weight sites")
@@ -221,19 +225,32 @@ def _study(text: str) -> tuple[str, Path]:
     return (label if sep else "", Path(path))
 
 
+def _mark(text: str) -> tuple[str, float]:
+    label, _, value = text.rpartition("=")
+    return label, float(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "summaries", nargs="+", type=_study, help="LABEL=PATH of a study's summary.json"
     )
     parser.add_argument("--out", type=Path, help="the figure (PNG); none if omitted")
+    parser.add_argument(
+        "--mark",
+        action="append",
+        type=_mark,
+        default=[],
+        help="LABEL=δ: a vertical line at a δ of the weight sites (a Hessian arm whose runs "
+        "are elsewhere, say)",
+    )
     args = parser.parse_args(argv)
     rows = []
     for label, path in args.summaries:
         rows += map_rows(json.loads(path.read_text()), label, path.parent)
     print(markdown(rows))
     if args.out is not None:
-        plot(rows, args.out)
+        plot(rows, args.out, args.mark)
         print(f"\nfigure: {args.out}")
     return 0
 

@@ -109,7 +109,8 @@ def test_the_command_prints_one_table_of_every_study_and_draws_the_figure(tmp_pa
         (tmp_path / study / "summary.json").write_text(json.dumps(SUMMARY))
     out = tmp_path / "map.png"
     studies = [f"interval, {s}={tmp_path / s / 'summary.json'}" for s in ("adam", "sgd")]
-    assert bench.main([*studies, "--out", str(out)]) == 0
+    mark = "Hessian δ, first study=0.05"
+    assert bench.main([*studies, "--out", str(out), "--mark", mark]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| interval, adam | fixed | 0.1 | 0.1 | 3 |" in printed
