@@ -40,6 +40,9 @@ STUDY_RECIPES = {
     "resnet20_w1a1_dorefa_study_dev": "dorefa",
 }
 
+#: the δ map's other arms: one method, fixed δ sizes or another optimizer
+MAP_RECIPES = {"resnet20_w1a1_delta_map_dev", "resnet20_w1a1_sgd_dev"}
+
 
 def local_files(path: Path, tmp_path: Path) -> list[str]:
     """Overrides that point a recipe at small data in its real format and at a real
@@ -76,6 +79,10 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
     if path.stem == "resnet20_w1a1_delta_map_dev":  # STE and four fixed-δ arms × 3 seeds
         assert len(runs) == 15 and {r.recipe.method.name for r in runs} == {"interval"}
         assert {r.recipe.delta.name for r in runs if r.recipe.backward == "ewgs"} == {"fixed"}
+    elif path.stem == "resnet20_w1a1_sgd_dev":  # STE and the Hessian δ × 3 seeds, SGD
+        assert len(runs) == 6 and {r.recipe.method.name for r in runs} == {"interval"}
+        assert {r.recipe.optimizers.weights.name for r in runs} == {"sgd"}
+        assert {r.recipe.optimizers.quantizer.name for r in runs} == {"adam"}
     elif path.stem in STUDY_RECIPES:
         assert len(runs) == 12
         assert {r.recipe.method.name for r in runs} == {STUDY_RECIPES[path.stem]}
@@ -86,7 +93,7 @@ def test_every_shipped_recipe_is_valid_and_names_its_paper_result(path, tmp_path
         assert all("profit" in r.recipe.callbacks for r in runs)
     elif path.stem in PAPER_ROWS:
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa"}
-    elif path.stem not in ("resnet20_fp", "resnet20_w1a1_delta_map_dev", *STUDY_RECIPES):
+    elif path.stem not in ("resnet20_fp", *MAP_RECIPES, *STUDY_RECIPES):
         assert {r.recipe.method.name for r in runs} == {"interval", "dorefa", "lsq", "profit"}
     if path.stem != "resnet20_fp":
         assert {r.recipe.backward for r in runs} == {"ste", "ewgs"}
