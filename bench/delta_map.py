@@ -28,6 +28,7 @@ from typing import Any
 
 from ewgs_plugins import rundir
 from ewgs_plugins.recipe import flatten
+from ewgs_plugins.stats import paired_difference
 
 
 def arm_deltas(settings: dict[str, Any]) -> tuple[float, float] | None:
@@ -70,42 +71,63 @@ def map_rows(
     summary: dict[str, Any], study: str = "", root: Path | None = None
 ) -> list[dict[str, Any]]:
     """One row per δ arm and rule compared with STE: the fixed-δ arms, and the Hessian
-    arms when ``root`` (the folder the summary's run names are relative to) holds their
-    δ histories, or without a position otherwise."""
-    rows = []
+    arms (placed when ``root``, the folder the summary's run names are relative to, holds
+    their δ histories). Rows of one arm that the report keeps apart because their recipes
+    differ elsewhere (``data.workers``, say: each pair is still matched in everything)
+    are merged when their seeds differ, and their paired statistics recomputed."""
+    arms: dict[tuple, list[dict[str, Any]]] = {}
     for group in summary["groups"]:
         for comparison in group["comparisons"]:
-            top1, loss = comparison["top1"], comparison["train_loss"]
-            pairs = comparison["pairs"]  # the means of the paired runs, as the difference
+            pairs = comparison["pairs"]
             if not pairs:
                 continue
-            settings = _delta_settings(group["settings"], pairs, comparison["rule"], root)
+            rule, baseline = comparison["rule"], comparison["baseline"]
+            settings = _delta_settings(group["settings"], pairs, rule, root)
             fixed = arm_deltas(settings)
             hessian = settings.get("delta.name") == "hessian"
             if fixed is None and not hessian:
                 continue
             deltas = fixed
             if hessian and root is not None:
-                runs = [root / p["runs"][comparison["rule"]] for p in pairs if "runs" in p]
-                deltas = estimated_deltas(runs)
-            rows.append(
-                {
-                    "study": study,
-                    "estimator": "hessian" if hessian else "fixed",
-                    "delta_weight": None if deltas is None else deltas[0],
-                    "delta_activation": None if deltas is None else deltas[1],
-                    "n": comparison["n"],
-                    "ste": _mean(p["top1"][comparison["baseline"]] for p in pairs),
-                    "ewgs": _mean(p["top1"][comparison["rule"]] for p in pairs),
-                    "diff": top1["diff"],
-                    "ci": top1["ci"],
-                    "wtl": (top1["wins"], top1["ties"], top1["losses"]),
-                    "loss_diff": loss["diff"],
-                    "loss_ci": loss["ci"],
-                    "verdict": comparison["verdict"],
-                }
-            )
+                deltas = estimated_deltas([root / p["runs"][rule] for p in pairs if "runs" in p])
+            key = (study, "hessian" if hessian else "fixed", fixed, rule, baseline)
+            for pair in pairs:
+                arms.setdefault(key, []).append({**pair, "deltas": deltas})
+    rows = []
+    for (study, estimator, _, rule, baseline), pairs in arms.items():
+        seeds = [p["seed"] for p in pairs]
+        if len(set(seeds)) != len(seeds):  # the same seed twice: a repeat, not more pairs
+            raise SystemExit(f"{study}: arm {estimator} {pairs[0]['deltas']} repeats a seed")
+        rows.append(_row(study, estimator, rule, baseline, pairs))
     return sorted(rows, key=_order)
+
+
+def _row(
+    study: str, estimator: str, rule: str, baseline: str, pairs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    top1 = paired_difference([p["top1"][rule] for p in pairs], [p["top1"][baseline] for p in pairs])
+    loss = paired_difference(
+        [p["train_loss"][rule] for p in pairs],
+        [p["train_loss"][baseline] for p in pairs],
+        higher_is_better=False,
+    )
+    placed = [p["deltas"] for p in pairs if p["deltas"] is not None]
+    return {
+        "study": study,
+        "estimator": estimator,
+        "delta_weight": statistics.median(d[0] for d in placed) if placed else None,
+        "delta_activation": statistics.median(d[1] for d in placed) if placed else None,
+        "n": top1.n,
+        "seeds": sorted(p["seed"] for p in pairs),
+        "ste": _mean(p["top1"][baseline] for p in pairs),
+        "ewgs": _mean(p["top1"][rule] for p in pairs),
+        "diff": top1.mean,
+        "ci": top1.ci,
+        "wtl": (top1.wins, top1.ties, top1.losses),
+        "loss_diff": loss.mean,
+        "loss_ci": loss.ci,
+        "verdict": top1.verdict(rule.upper(), baseline.upper()),
+    }
 
 
 def _delta_settings(

@@ -16,43 +16,37 @@ def load_bench():
     return bench_module("delta_map")
 
 
-def group(settings: dict, diff: float, ci: list[float] | None, name: str = "arm") -> dict:
-    stat = {"diff": diff, "ci": ci, "wins": 0, "ties": 0, "losses": 3}
+def group(
+    settings: dict, diff: float, spread: float = 0.0, name: str = "arm", seeds=(0, 1, 2)
+) -> dict:
+    """A report's group: one comparison whose pairs' EWGS − STE are ``diff`` ± ``spread``."""
+    offsets = [-spread, 0.0, spread][: len(seeds)]
     pairs = [
         {
             "seed": seed,
-            "top1": {"ste": 55.0, "ewgs": 55.0 + diff},
+            "top1": {"ste": 55.0, "ewgs": 55.0 + diff + offset},
+            "train_loss": {"ste": 1.0, "ewgs": 1.1},
             "runs": {"ste": f"seed{seed}-ste", "ewgs": f"seed{seed}-{name}"},
         }
-        for seed in range(3)
+        for seed, offset in zip(seeds, offsets)
     ]
     return {
         "settings": settings,
         "runs": {"ste": {"top1_mean": 99.0}, "ewgs": {"top1_mean": 99.0}},  # unpaired too
-        "comparisons": [
-            {
-                "rule": "ewgs",
-                "baseline": "ste",
-                "n": 3,
-                "verdict": "STE better",
-                "top1": stat,
-                "train_loss": {**stat, "diff": 0.1, "ci": [0.05, 0.15]},
-                "pairs": pairs,
-            }
-        ],
+        "comparisons": [{"rule": "ewgs", "baseline": "ste", "n": len(pairs), "pairs": pairs}],
     }
 
 
 SUMMARY = {
     "groups": [
-        group({"delta.name": "fixed", "delta.options.value": 0.1}, -20.0, [-25.0, -15.0]),
-        group({"delta.name": "hessian", "delta.options.every": 80}, -3.0, [-5.0, -1.0]),
+        group({"delta.name": "fixed", "delta.options.value": 0.1}, -20.0, 2.0),
+        group({"delta.name": "hessian", "delta.options.every": 80}, -3.0, 1.0),
         group(
             {"delta.name": "fixed", "delta.options.weight": 0.03, "delta.options.activation": 0},
             -1.0,
-            None,
+            seeds=(0,),
         ),
-        group({"delta.name": "fixed", "delta.options.value": 0.01}, -5.0, [-6.0, -4.0]),
+        group({"delta.name": "fixed", "delta.options.value": 0.01}, -5.0, 0.5),
     ]
 }
 
@@ -67,9 +61,27 @@ def test_the_map_holds_the_arms_sorted_by_delta_with_their_kinds():
         (None, None),  # the Hessian arm: no δ history to place it by
     ]
     table = bench.markdown(rows)
-    assert "| interval, Adam | fixed | 0.03 | 0 | 3 | 55.00 | 54.00 | -1.00 | 0/0/3 |" in table
-    assert "| interval, Adam | hessian | — | — | 3 | 55.00 | 52.00 | -3.00 [-5.00, -1.00]" in table
-    assert "-20.00 [-25.00, -15.00]" in table
+    assert "| interval, Adam | fixed | 0.03 | 0 | 1 | 55.00 | 54.00 | -1.00 | 0/0/1 |" in table
+    # the paired statistics of the pairs: sd 1 (2) over 3 pairs, t(0.975, 2) = 4.303
+    assert "| interval, Adam | hessian | — | — | 3 | 55.00 | 52.00 | -3.00 [-5.48, -0.52]" in table
+    assert "-20.00 [-24.97, -15.03]" in table
+
+
+def test_rows_of_one_arm_split_by_another_setting_merge_into_one():
+    bench = load_bench()
+    fixed = {"delta.name": "fixed", "delta.options.value": 0.01}
+    summary = {
+        "groups": [
+            group({**fixed, "data.workers": 1}, -6.0, 0.5, seeds=(0, 1)),
+            group({**fixed, "data.workers": 0}, -6.0, seeds=(2,)),
+        ]
+    }
+    (row,) = bench.map_rows(summary, "interval, Adam")
+    assert row["n"] == 3 and row["seeds"] == [0, 1, 2] and row["wtl"] == (0, 0, 3)
+    assert row["diff"] == pytest.approx((-6.5 - 6.0 - 6.0) / 3)
+    summary["groups"].append(group({**fixed, "data.workers": 2}, -1.0, seeds=(2,)))
+    with pytest.raises(SystemExit, match="repeats a seed"):
+        bench.map_rows(summary, "interval, Adam")
 
 
 def write_hessian_run(root: Path, name: str, estimates: list[dict[str, float]]) -> None:
@@ -93,7 +105,7 @@ def test_a_hessian_arm_sits_at_the_median_of_its_estimated_deltas(tmp_path):
         ]
         write_hessian_run(tmp_path, f"seed{seed}-paper", estimates)
     # δ does not vary across the study's rows: the label holds no delta key
-    summary = {"groups": [group({}, -2.0, [-3.0, -1.0], name="paper")]}
+    summary = {"groups": [group({}, -2.0, 0.5, name="paper")]}
     (row,) = bench.map_rows(summary, "DoReFa, Adam", tmp_path)
     assert row["estimator"] == "hessian"
     # site means over estimates and runs: a 0.05, b 0.07, c 0.5 -> median 0.07
