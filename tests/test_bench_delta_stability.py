@@ -41,6 +41,8 @@ def test_pooling_shrinks_the_spread_as_root_window_and_drift_is_measured():
     drift = summary["drift"]
     assert drift["resolved"] >= 1 and drift["chi2"] > 2 * summary["resolved"]
     assert drift["rms_relative_per_step"] > 0
+    # read off Σz²: the quiet site's 0.01 on 0.01 over 40 steps dominates the typical drift
+    assert drift["typical_relative_per_step"] > 0.5 * drift["rms_relative_per_step"]
     text = bench.report(summary, window=3, every=80)
     assert "pooled over 3 refreshes" in text and "lags 80 steps" in text
 
@@ -51,6 +53,7 @@ def test_no_drift_reads_as_none_resolved():
     result = {"plain": refreshes(rng, 60), "drift": refreshes(rng, 60), "drift_steps": 40}
     drift = bench.analyse(result, window=3)["drift"]
     assert drift["resolved"] <= 1 and drift["chi2"] < 8
+    assert drift["typical_relative_per_step"] < drift["resolution_relative_per_step"]
 
 
 def test_the_per_site_estimators_spread_comes_from_its_per_batch_ratios():
