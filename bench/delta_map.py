@@ -90,7 +90,11 @@ def map_rows(
             deltas = fixed
             if hessian and root is not None:
                 deltas = estimated_deltas([root / p["runs"][rule] for p in pairs if "runs" in p])
-            key = (study, "hessian" if hessian else "fixed", fixed, rule, baseline)
+            estimator = "hessian" if hessian else "fixed"
+            if hessian and settings.get("delta.options.before_training"):
+                estimator += ", also before step 1"
+            arm = tuple(sorted((k, repr(v)) for k, v in settings.items() if k.startswith("delta.")))
+            key = (study, estimator, arm, rule, baseline)
             for pair in pairs:
                 arms.setdefault(key, []).append({**pair, "deltas": deltas})
     rows = []
@@ -162,7 +166,7 @@ def _delta(row: dict[str, Any], key: str) -> str:
     value = row[key]
     if value is None:
         return "—"
-    return f"≈{value:.2g}" if row["estimator"] == "hessian" else f"{value:g}"
+    return f"≈{value:.2g}" if row["estimator"].startswith("hessian") else f"{value:g}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -183,7 +187,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _marker(row: dict[str, Any]) -> tuple[str, str]:
-    if row["estimator"] == "hessian":
+    if row["estimator"].startswith("hessian"):
         return "D", "Hessian δ (at its median)"
     if row["delta_activation"] == 0:
         return "s", "fixed δ, weight sites only"

@@ -127,3 +127,17 @@ def test_the_command_prints_one_table_of_every_study_and_draws_the_figure(tmp_pa
     printed = capsys.readouterr().out
     assert "| interval, adam | fixed | 0.1 | 0.1 | 3 |" in printed
     assert "| interval, sgd | fixed | 0.1 | 0.1 | 3 |" in printed
+
+
+def test_two_hessian_arms_of_one_study_stay_apart():
+    bench = load_bench()
+    paper = {"delta.name": "hessian", "delta.options.before_training": None}
+    summary = {
+        "groups": [
+            group(paper, -3.0, 1.0),
+            group({**paper, "delta.options.before_training": True}, -2.0, 1.0),
+        ]
+    }
+    rows = bench.map_rows(summary, "interval, Adam")
+    assert sorted(r["estimator"] for r in rows) == ["hessian", "hessian, also before step 1"]
+    assert all(r["n"] == 3 for r in rows)
