@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -334,12 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:  # as the program (no argv), a signal after the work is done ends it at once
         with interrupt.handling(then_default=argv is None):
-            return args.handler(args)
+            code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
     except EwgsError as error:
         print(f"ewgs: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # SIGINT or SIGTERM (interrupt.Interrupted)
         return _interrupted(error, args)
+    except BrokenPipeError:  # the reader went away (``ewgs recipes | head -1``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
 
 
 def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:

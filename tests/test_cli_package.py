@@ -182,3 +182,14 @@ def test_a_demo_run_prints_no_warning(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == ""
     assert "epoch 1/1" in result.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly():
+    """``ewgs recipes | head -1``: the closed pipe ends the command without a traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    with os.fdopen(write, "wb") as closed:
+        done = subprocess.run(
+            [*EWGS, "recipes"], stdout=closed, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert done.returncode == 141 and done.stderr == ""
