@@ -87,27 +87,30 @@ def map_rows(
             hessian = settings.get("delta.name") == "hessian"
             if fixed is None and not hessian:
                 continue
-            deltas = fixed
-            if hessian and root is not None:
-                deltas = estimated_deltas([root / p["runs"][rule] for p in pairs if "runs" in p])
             estimator = "hessian" if hessian else "fixed"
             if hessian and settings.get("delta.options.before_training"):
                 estimator += ", also before step 1"
             arm = tuple(sorted((k, repr(v)) for k, v in settings.items() if k.startswith("delta.")))
-            key = (study, estimator, arm, rule, baseline)
-            for pair in pairs:
-                arms.setdefault(key, []).append({**pair, "deltas": deltas})
+            arms.setdefault((study, estimator, arm, fixed, rule, baseline), []).extend(pairs)
     rows = []
-    for (study, estimator, _, rule, baseline), pairs in arms.items():
+    for (study, estimator, _, fixed, rule, baseline), pairs in arms.items():
         seeds = [p["seed"] for p in pairs]
         if len(set(seeds)) != len(seeds):  # the same seed twice: a repeat, not more pairs
-            raise SystemExit(f"{study}: arm {estimator} {pairs[0]['deltas']} repeats a seed")
-        rows.append(_row(study, estimator, rule, baseline, pairs))
+            raise SystemExit(f"{study}: the {estimator} arm {fixed or ''} repeats a seed")
+        deltas = fixed
+        if fixed is None and root is not None:  # a Hessian arm: where its estimates landed
+            deltas = estimated_deltas([root / p["runs"][rule] for p in pairs if "runs" in p])
+        rows.append(_row(study, estimator, deltas, rule, baseline, pairs))
     return sorted(rows, key=_order)
 
 
 def _row(
-    study: str, estimator: str, rule: str, baseline: str, pairs: list[dict[str, Any]]
+    study: str,
+    estimator: str,
+    deltas: tuple[float, float] | None,
+    rule: str,
+    baseline: str,
+    pairs: list[dict[str, Any]],
 ) -> dict[str, Any]:
     top1 = paired_difference([p["top1"][rule] for p in pairs], [p["top1"][baseline] for p in pairs])
     loss = paired_difference(
@@ -115,16 +118,15 @@ def _row(
         [p["train_loss"][baseline] for p in pairs],
         higher_is_better=False,
     )
-    placed = [p["deltas"] for p in pairs if p["deltas"] is not None]
     return {
         "study": study,
         "estimator": estimator,
-        "delta_weight": statistics.median(d[0] for d in placed) if placed else None,
-        "delta_activation": statistics.median(d[1] for d in placed) if placed else None,
+        "delta_weight": None if deltas is None else deltas[0],
+        "delta_activation": None if deltas is None else deltas[1],
         "n": top1.n,
         "seeds": sorted(p["seed"] for p in pairs),
-        "ste": _mean(p["top1"][baseline] for p in pairs),
-        "ewgs": _mean(p["top1"][rule] for p in pairs),
+        "ste": statistics.fmean(p["top1"][baseline] for p in pairs),
+        "ewgs": statistics.fmean(p["top1"][rule] for p in pairs),
         "diff": top1.mean,
         "ci": top1.ci,
         "wtl": (top1.wins, top1.ties, top1.losses),
@@ -148,11 +150,6 @@ def _delta_settings(
 def _order(row: dict[str, Any]) -> tuple:
     unknown = row["delta_weight"] is None
     return (row["study"], unknown, row["delta_weight"] or 0.0, row["delta_activation"] or 0.0)
-
-
-def _mean(values: Any) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def _interval(value: float, ci: list[float] | None, digits: int) -> str:
