@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -343,9 +344,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as error:  # SIGINT or SIGTERM (interrupt.Interrupted)
         return _interrupted(error, args)
-    except BrokenPipeError:  # the reader went away (``ewgs recipes | head -1``): stop quietly
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe broke: that is a real failure
+            raise
+        # the reader went away (``ewgs recipes | head -1``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end has been closed (poll reports
+    an error condition on such a pipe's writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or stdout is not a file
+        return False
 
 
 def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:

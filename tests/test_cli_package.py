@@ -193,3 +193,12 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly():
             [*EWGS, "recipes"], stdout=closed, stderr=subprocess.PIPE, text=True, timeout=60
         )
     assert done.returncode == 141 and done.stderr == ""
+
+
+def test_a_broken_pipe_other_than_the_output_is_not_hidden(monkeypatch):
+    def broken(args):
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(cli, "_cmd_recipes", broken)
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        cli.main(["recipes"])
