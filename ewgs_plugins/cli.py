@@ -31,11 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import interrupt, recipes
-from .errors import ConfigError, EwgsError, TrainingError
+from .errors import ConfigError, EwgsError, FolderInUse, TrainingError
 from .registry import KINDS, load_registry
 
 if TYPE_CHECKING:
     from .recipe import Recipe, Run
+
+
+#: how long ``compare`` waits for another ``compare`` of the same study to finish writing
+#: the report before it writes its own
+REPORT_WAIT_S = 120.0
 
 
 def _say(*text: object) -> None:
@@ -118,7 +123,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     base = Path(first.recipe.output or "")
     if first.name:
         base = base.parent
-    with rundir.lock(base), _source(args.recipe):  # held until every run is trained
+    rundir.prepare(base)
+    with _source(args.recipe):
         return _compare(args, runs, base)
 
 
@@ -152,11 +158,15 @@ def _data_source(recipe: Recipe) -> str:
 
 
 def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
-    from . import distributed, host_memory
-    from .train import Trainer, finished_run
+    """Train every run of the matrix that is not finished, then write the report. Each
+    run is claimed by its own lock, so several ``compare`` processes on one study share
+    its runs: a run another process is training is left to it."""
+    from . import distributed, host_memory, rundir
+    from .train import Trainer
 
     with _source(args.recipe):  # before training anything
-        states = [finished_run(run.recipe, resume=args.resume) for run in runs]
+        distributed.setup(runs[0].recipe)
+        states = distributed.broadcast_object([_state(run.recipe, args.resume) for run in runs])
     for run, state in zip(runs, states):
         if state is False and not args.resume:
             raise ConfigError(
@@ -165,28 +175,82 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
                 args.recipe,
             )
     stopped: list[str] = []
+    elsewhere: list[str] = []
     host_memory.keep_freed_memory()
-    for index, (run, state) in enumerate(zip(runs, states), 1):
+    for index, run in enumerate(runs, 1):
         label = run.name or str(base)
-        if state:
-            _say(f"[{index}/{len(runs)}] {label}: finished already")
-            continue
-        _say(f"[{index}/{len(runs)}] {label}")
-        try:
-            with _source(args.recipe):
+        with _claim(run.recipe) as holder, _source(args.recipe):
+            if holder:
+                _say(f"[{index}/{len(runs)}] {label}: being trained by {holder}; left to it")
+                elsewhere.append(label)
+                continue
+            state = _state(run.recipe, args.resume)  # as it is now that this process holds it
+            if state:
+                _say(f"[{index}/{len(runs)}] {label}: finished already")
+                continue
+            if state is False and not args.resume:  # another process started it, and stopped
+                raise ConfigError(
+                    "output",
+                    f"{run.recipe.output} holds an unfinished run; pass --resume to continue it",
+                    args.recipe,
+                )
+            _say(f"[{index}/{len(runs)}] {label}")
+            try:
                 Trainer(run.recipe, resume=state is False).run()
-        except TrainingError as error:  # one diverging run does not stop the others
-            print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
-            stopped.append(label)
+            except TrainingError as error:  # one diverging run does not stop the others
+                print(f"ewgs: run {label} stopped: {error}", file=sys.stderr)
+                stopped.append(label)
     if len(stopped) < len(runs) and distributed.is_main():
         print()
-        _print_report(base)
+        try:  # compares sharing the study write it in turn
+            with rundir.lock(base, wait_s=REPORT_WAIT_S):
+                _print_report(base)
+        except FolderInUse as error:
+            print(
+                f"ewgs: warning: the report was not written: {error.holder} holds {base}; "
+                f"`ewgs report {shlex.quote(str(base))}` writes it when that is done",
+                file=sys.stderr,
+            )
+        if elsewhere:
+            print(
+                f"\n{len(elsewhere)} run(s) were being trained by other processes "
+                f"({', '.join(elsewhere)}); the last process to finish writes the whole report "
+                f"(or: ewgs report {shlex.quote(str(base))})"
+            )
     if stopped:
         raise TrainingError(
             f"{len(stopped)} of {len(runs)} runs stopped early ({', '.join(stopped)}); "
             "the report's table leaves them out"
         )
     return 0
+
+
+def _state(recipe: Recipe, resume: bool) -> bool | None:
+    """``finished_run``, except that a run another process holds reads as not started:
+    whoever reaches it next decides (``_claim``)."""
+    from .train import finished_run
+
+    try:
+        return finished_run(recipe, resume=resume)
+    except FolderInUse:
+        return None
+
+
+@contextlib.contextmanager
+def _claim(recipe: Recipe) -> Iterator[str | None]:
+    """Hold the lock of ``recipe``'s run directory inside (yielding None), or yield who
+    holds it. Rank 0 alone locks under torchrun; every rank learns its answer, so that
+    all of them train the run or all leave it."""
+    from . import distributed, rundir
+
+    with contextlib.ExitStack() as held:
+        holder = None
+        if distributed.is_main():
+            try:
+                held.enter_context(rundir.lock(Path(recipe.output or "")))
+            except FolderInUse as error:
+                holder = error.holder
+        yield distributed.broadcast_object(holder)
 
 
 def _print_report(directory: str | Path) -> None:

@@ -54,6 +54,15 @@ class RunDirError(EwgsError):
     use by another process, or holds a damaged file; the message names the file."""
 
 
+class FolderInUse(RunDirError):
+    """Another live process holds the folder's lock; ``holder`` says which (its PID, host
+    and start time)."""
+
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 def load_failure(error: Exception) -> str:
     """One line saying why ``torch.load(..., weights_only=True)`` of a user's file
     failed. Torch's own message spans lines and suggests ``weights_only=False``, which

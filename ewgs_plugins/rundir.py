@@ -35,10 +35,11 @@ rewritten from it (``train.checkpoint.sync_run_files``), so a process killed bet
 two writes leaves a run that ``--resume`` finishes. A checkpoint carries a SHA-256 of
 its contents (``checksum``), checked when it is read.
 
-While a process works on a run directory (or a ``compare`` output) it holds the
+While a process works on a run directory (or writes a ``compare`` report) it holds the
 directory's lock (``lock``): an ``flock`` on ``LOCK``, which the kernel releases when
 the process dies however it dies, so a lock left by a killed process is stale by
-construction; a second process is refused with the holder's PID and host.
+construction; a second process is refused with the holder's PID and host
+(``FolderInUse``), or waits for it where the caller says so.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from typing import IO, Any
 import torch
 
 from . import distributed, interrupt
-from .errors import ConfigError, RunDirError, load_failure
+from .errors import ConfigError, FolderInUse, RunDirError, load_failure
 from .recipe.yaml_text import dump_yaml, parse_yaml
 
 RECIPE = "recipe.yaml"
@@ -484,9 +485,11 @@ def _acquire(folder: Path) -> None:
         except OSError as error:
             os.close(handle)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(
-                    f"{folder} is in use by {_holder(path)}; wait for it to finish or "
-                    "stop it, or choose another output directory"
+                holder = _holder(path)
+                raise FolderInUse(
+                    f"{folder} is in use by {holder}; wait for it to finish or "
+                    "stop it, or choose another output directory",
+                    holder,
                 ) from None
             print(f"ewgs: warning: {folder}: cannot lock it ({error.strerror})", file=sys.stderr)
             _held[folder] = [-1, 1]
@@ -548,22 +551,31 @@ def prepare(folder: Path) -> Path:
 
 
 @contextmanager
-def lock(folder: Path) -> Iterator[None]:
+def lock(folder: Path, *, wait_s: float = 0.0) -> Iterator[None]:
     """Hold ``folder``'s lock inside (created first, see ``prepare``); held again by
-    the same process, it is counted, not taken twice. Under torchrun rank 0 alone
-    locks (the other processes of the run never write)."""
+    the same process, it is counted, not taken twice. A lock another process holds is
+    waited for up to ``wait_s`` seconds, then refused (``FolderInUse``, naming the
+    holder). Under torchrun rank 0 alone locks (the other processes of the run never
+    write)."""
     if not distributed.is_main():
         yield
         return
     folder = prepare(folder).resolve()
+    deadline = time.monotonic() + wait_s
     taken = False
     try:
-        with interrupt.deferred():  # taken and noted as held, or not taken
-            if folder in _held:
-                _held[folder][1] += 1
-            else:
-                _acquire(folder)
-            taken = True
+        while not taken:
+            try:
+                with interrupt.deferred():  # taken and noted as held, or not taken
+                    if folder in _held:
+                        _held[folder][1] += 1
+                    else:
+                        _acquire(folder)
+                    taken = True
+            except FolderInUse:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)  # a signal stops the wait at once
         yield
     finally:
         if taken:

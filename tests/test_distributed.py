@@ -15,7 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from toys import RUN_FILES, digits_recipe, toy_plugins, write_recipe
 
-from ewgs_plugins import ConfigError, distributed
+from ewgs_plugins import ConfigError, distributed, rundir
 from ewgs_plugins.recipe import expand_runs
 from ewgs_plugins.train import Trainer
 
@@ -64,8 +64,13 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     # then a run whose loss is NaN on rank 1 only: both processes stop, with the error
     nan = ddp_recipe(tmp_path / "nan", epochs=1, callbacks={"nan_loss": {"epoch": 0, "rank": 1}})
     command += ["--then", "train", str(write_recipe(tmp_path / "nan.yaml", nan))]
+    # then a compare of two runs, one of which this process holds: both ranks leave it
+    study = dict(ddp_recipe(tmp_path / "study", epochs=1), matrix={"seed": [0, 1]})
+    command += ["--then", "compare", str(write_recipe(tmp_path / "study.yaml", study))]
+    with toy_plugins():
+        free, held = [run.recipe.output for run in expand_runs(study, source="t", overrides=())]
     log = tmp_path / "torchrun.log"
-    with log.open("w") as sink:
+    with log.open("w") as sink, rundir.lock(Path(held)):
         launched = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=sink)
         try:
             # the one-process run, while the two processes start
@@ -80,7 +85,10 @@ def test_two_processes_agree_and_train_what_one_process_trains(tmp_path):
     output = log.read_text()
     assert launched.returncode == 0, output
     for rank in (0, 1):
-        assert f"rank {rank} exit codes: [0, 0, 2]" in output, output
+        assert f"rank {rank} exit codes: [0, 0, 2, 0]" in output, output
+    assert output.count(f"being trained by process {os.getpid()}") == 1, output  # rank 0 says
+    assert {p.name for p in Path(free).iterdir()} == RUN_FILES
+    assert not (Path(held) / "checkpoint_last.pt").exists()
     assert output.count("[run] epoch 1/2") == 1 and "[run] epoch 2/2" in output
     assert output.count("the training loss is nan at epoch 1 (step 0)") == 2
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from toys import (
 
 from ewgs_plugins import TrainingError, cli, hookimpl, rundir
 from ewgs_plugins.data import Digits
-from ewgs_plugins.errors import ConfigError, RunDirError
+from ewgs_plugins.errors import ConfigError, FolderInUse, RunDirError
 from ewgs_plugins.qat_callbacks import load_teacher
 from ewgs_plugins.recipe import load_recipe
 from ewgs_plugins.train import Trainer
@@ -232,24 +233,67 @@ def test_a_kill_after_the_last_checkpoint_leaves_a_run_that_agrees_with_itself(
 # ---------------------------------------------------------------- two processes
 
 
-def test_two_compares_on_one_output_one_refuses_naming_the_holder(processes, tmp_path, capsys):
+def test_a_second_compare_leaves_the_run_the_first_is_training_and_trains_the_rest(
+    processes, tmp_path, capsys
+):
     output = tmp_path / "out"
     command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
-    first = start_stopped(processes, command, 1)  # holds the lock, stopped at a write
+    log = tmp_path / "first"
+    first = processes.Process(target=run_cli_as_program, args=(1, command, str(log)))
+    first.start()  # stops at its first write, holding the first run
+    while first.is_alive() and process_state(first.pid) != "T":
+        time.sleep(0.02)
+    (held,) = output.iterdir()
     try:
-        assert cli.main(command) == 2
-        line = one_error_line(capsys.readouterr().err)
-        assert f"is in use by process {first.pid} on host {socket.gethostname()}" in line
-        (run,) = [path for path in output.iterdir() if path.is_dir()]  # the first run's
-        # and its run directory, to a plain train of the same run
-        assert train(run, "seed=0", "--resume") == 2
-        assert f"in use by process {first.pid}" in one_error_line(capsys.readouterr().err)
+        assert cli.main(command) == 0
+        (free,) = {path for path in output.iterdir() if path.is_dir()} - {held}
+        out = capsys.readouterr().out
+        holder = f"process {first.pid} on host {socket.gethostname()}"
+        assert f"[1/2] {held.name}: being trained by {holder} (since " in out
+        assert "; left to it\n" in out
+        assert f"[2/2] {free.name}\n" in out and "1 run(s) were being trained by other" in out
+        assert rundir.read_checkpoint(free / rundir.CHECKPOINT_LAST)["finished"]
+        # a plain train of the held run is refused, naming the holder
+        assert train(held, "seed=0", "--resume") == 2
+        assert f"in use by {holder}" in one_error_line(capsys.readouterr().err)
     finally:
-        kill(first)
-    # the lock of a killed process is stale: the next compare takes it (and says to
-    # --resume the run the killed one left, as nothing was checkpointed: it starts)
-    assert cli.main([*command, "--resume"]) == 0
+        os.kill(first.pid, signal.SIGCONT)  # the first goes on: trains its run, not the other
+        first.join()
+    assert first.exitcode == 0, Path(f"{log}.err").read_text()
+    out = Path(f"{log}.out").read_text()
+    assert f"[2/2] {free.name}: finished already" in out and "other processes" not in out
+    summary = json.loads((output / rundir.SUMMARY).read_text())  # the last to finish
+    assert summary["groups"][0]["runs"]["ewgs"]["n"] == 2  # reports every run
     assert not list(output.rglob("*.tmp")) and not list(output.rglob(rundir.LOCK))
+
+
+def test_a_killed_compare_leaves_its_run_to_the_next_one_with_resume(processes, tmp_path, capsys):
+    output = tmp_path / "out"
+    command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0]}", f"output={output}"]
+    first = start_stopped(processes, command, 1)
+    kill(first)  # the kernel let go of its lock: the run is free, and has no checkpoint yet
+    assert cli.main([*command, "--resume"]) == 0
+    assert "being trained by" not in capsys.readouterr().out
+    (run,) = [path for path in output.iterdir() if path.is_dir()]
+    assert rundir.read_checkpoint(run / rundir.CHECKPOINT_LAST)["finished"]
+    assert not list(output.rglob("*.tmp")) and not list(output.rglob(rundir.LOCK))
+
+
+def test_a_lock_is_waited_for_until_its_holder_lets_go(processes, tmp_path):
+    output = tmp_path / "run"
+    holder = start_stopped(processes, ["train", str(DEMO), *SMALL, f"output={output}"], 1)
+    try:
+        with pytest.raises(FolderInUse) as refused, rundir.lock(output):
+            pass
+        assert refused.value.holder.startswith(f"process {holder.pid} on host ")
+        killer = threading.Timer(0.5, lambda: os.kill(holder.pid, signal.SIGKILL))
+        killer.start()
+        with rundir.lock(output, wait_s=300):  # taken once the holder is gone
+            assert json.loads((output / rundir.LOCK).read_text())["pid"] == os.getpid()
+        killer.join()
+    finally:
+        holder.kill()
+        holder.join()
 
 
 # ------------------------------------------------------------ damaged checkpoints
