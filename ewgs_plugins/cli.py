@@ -337,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
 
     compare = commands.add_parser(
-        "compare", help="train every run of the recipe's matrix, then write the report"
+        "compare",
+        help="train every run of the recipe's matrix, then write the report",
+        description="Train every run of the recipe's matrix that is not finished, then write "
+        "the report. Several compare processes of one study share its runs: each trains the "
+        "next run no other process is training.",
     )
     compare.add_argument("recipe", help=recipe_help)
     compare.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
