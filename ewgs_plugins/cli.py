@@ -164,22 +164,19 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
     from . import distributed, host_memory, rundir
     from .train import Trainer
 
-    with _source(args.recipe):  # before training anything
-        distributed.setup(runs[0].recipe)
-        states = distributed.broadcast_object([_state(run.recipe, args.resume) for run in runs])
+    distributed.setup(runs[0].recipe)  # before training anything
+    states = distributed.broadcast_object([_state(run.recipe, args.resume) for run in runs])
     for run, state in zip(runs, states):
-        if state is False and not args.resume:
-            raise ConfigError(
-                "output",
-                f"{run.recipe.output} holds an unfinished run; pass --resume to continue it",
-                args.recipe,
-            )
+        _check_resumable(run.recipe, state, args)
     stopped: list[str] = []
     elsewhere: list[str] = []
     host_memory.keep_freed_memory()
-    for index, run in enumerate(runs, 1):
+    for index, (run, state) in enumerate(zip(runs, states), 1):
         label = run.name or str(base)
-        with _claim(run.recipe) as holder, _source(args.recipe):
+        if state:  # a finished run stays finished: no need to claim it
+            _say(f"[{index}/{len(runs)}] {label}: finished already")
+            continue
+        with _claim(run.recipe) as holder:
             if holder:
                 _say(f"[{index}/{len(runs)}] {label}: being trained by {holder}; left to it")
                 elsewhere.append(label)
@@ -188,12 +185,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
             if state:
                 _say(f"[{index}/{len(runs)}] {label}: finished already")
                 continue
-            if state is False and not args.resume:  # another process started it, and stopped
-                raise ConfigError(
-                    "output",
-                    f"{run.recipe.output} holds an unfinished run; pass --resume to continue it",
-                    args.recipe,
-                )
+            _check_resumable(run.recipe, state, args)  # another process started it, and stopped
             _say(f"[{index}/{len(runs)}] {label}")
             try:
                 Trainer(run.recipe, resume=state is False).run()
@@ -223,6 +215,16 @@ def _compare(args: argparse.Namespace, runs: list[Run], base: Path) -> int:
             "the report's table leaves them out"
         )
     return 0
+
+
+def _check_resumable(recipe: Recipe, state: bool | None, args: argparse.Namespace) -> None:
+    """An unfinished run (``state`` False) is continued only when asked (``--resume``)."""
+    if state is False and not args.resume:
+        raise ConfigError(
+            "output",
+            f"{recipe.output} holds an unfinished run; pass --resume to continue it",
+            args.recipe,
+        )
 
 
 def _state(recipe: Recipe, resume: bool) -> bool | None:

@@ -137,10 +137,14 @@ def process_state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
-def start_stopped(processes, command: list[str], stop_at: int):
+def start_stopped(processes, command: list[str], stop_at: int, log: Path | None = None):
     """Start ``ewgs COMMAND`` in a child process that stops itself (SIGSTOP) at its
-    ``stop_at``-th write point; returns once it has stopped there."""
-    process = processes.Process(target=run_cli_stopping_at_write, args=(stop_at, command))
+    ``stop_at``-th write point; returns once it has stopped there. With ``log``, its
+    stdout and stderr go to ``LOG.out`` and ``LOG.err``."""
+    if log is None:
+        process = processes.Process(target=run_cli_stopping_at_write, args=(stop_at, command))
+    else:
+        process = processes.Process(target=run_cli_as_program, args=(stop_at, command, str(log)))
     process.start()
     while process.is_alive() and process_state(process.pid) != "T":
         time.sleep(0.02)
@@ -239,10 +243,7 @@ def test_a_second_compare_leaves_the_run_the_first_is_training_and_trains_the_re
     output = tmp_path / "out"
     command = ["compare", str(DEMO), *SMALL[1:], "matrix={seed: [0, 1]}", f"output={output}"]
     log = tmp_path / "first"
-    first = processes.Process(target=run_cli_as_program, args=(1, command, str(log)))
-    first.start()  # stops at its first write, holding the first run
-    while first.is_alive() and process_state(first.pid) != "T":
-        time.sleep(0.02)
+    first = start_stopped(processes, command, 1, log)  # at its first write, in the first run
     (held,) = output.iterdir()
     try:
         assert cli.main(command) == 0
